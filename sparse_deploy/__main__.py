@@ -1,0 +1,3 @@
+from sparse_deploy.cli import app
+
+app(prog_name="sparse-deploy")

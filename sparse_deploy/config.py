@@ -1,0 +1,103 @@
+"""Frozen, validated settings. Strings from the command line are parsed here, once, into typed fields."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from sparse_deploy.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+Sweep = Literal["auto", "numba", "torch"]
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """What to prune: an unstructured fraction ``sparsity``, or ``n`` of every aligned group of ``m`` inputs."""
+
+    sparsity: float | None = None
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None:
+            if self.n is not None or self.m is not None:
+                raise ConfigError("give either a sparsity or an n:m pattern, not both")
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+                raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+            if not math.isfinite(self.sparsity) or not 0.0 <= self.sparsity < 1.0:
+                raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}; 0.5 prunes half the weights")
+            return
+        if self.n is None or self.m is None:
+            raise ConfigError("give a sparsity in [0, 1) or an n:m pattern such as 2:4")
+        if not 0 < self.n < self.m:
+            raise ConfigError(f"pattern {self.n}:{self.m} is invalid: n:m needs 0 < n < m (for example 2:4 or 4:8)")
+
+    @classmethod
+    def unstructured(cls, sparsity: float) -> SparsitySpec:
+        return cls(sparsity=float(sparsity))
+
+    @classmethod
+    def pattern(cls, text: str) -> SparsitySpec:
+        """Parse ``"2:4"`` (n pruned in every group of m)."""
+        match = _PATTERN.match(text)
+        if match is None:
+            raise ConfigError(f"pattern {text!r} is not of the form n:m, such as 2:4")
+        return cls(n=int(match.group(1)), m=int(match.group(2)))
+
+    @classmethod
+    def from_options(cls, sparsity: float | None, pattern: str | None, default: float = 0.5) -> SparsitySpec:
+        """The CLI's ``--sparsity`` / ``--pattern`` pair; at most one may be given."""
+        if sparsity is not None and pattern is not None:
+            raise ConfigError("give --sparsity or --pattern, not both")
+        if pattern is not None:
+            return cls.pattern(pattern)
+        return cls.unstructured(default if sparsity is None else sparsity)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    @property
+    def target(self) -> float:
+        """Fraction of weights pruned."""
+        return self.n / self.m if self.is_nm else self.sparsity  # type: ignore[operator,return-value]
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Settings of the SparseGPT solve for one matrix.
+
+    ``device``: where the math runs; ``auto`` takes CUDA when present, else the CPU.
+    ``sweep``: the column sweep inside a block; ``auto`` is numba on the CPU and torch on CUDA.
+    ``row_chunk``: rows the numba sweep handles together (working set per thread).
+    ``damp_retries``: how many times a failed Cholesky factorisation is retried with 10x the damping.
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    device: Device = "auto"
+    sweep: Sweep = "auto"
+    row_chunk: int = 16
+    damp_retries: int = 4
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise ConfigError(f"blocksize must be a positive integer, got {self.blocksize}")
+        if not math.isfinite(self.percdamp) or not 0.0 <= self.percdamp <= 10.0:
+            raise ConfigError(f"percdamp must be in [0, 10], got {self.percdamp}; the usual value is 0.01")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.sweep not in ("auto", "numba", "torch"):
+            raise ConfigError(f"sweep must be auto, numba or torch, got {self.sweep!r}")
+        if self.row_chunk < 1:
+            raise ConfigError(f"row_chunk must be a positive integer, got {self.row_chunk}")
+        if self.damp_retries < 0:
+            raise ConfigError(f"damp_retries must be >= 0, got {self.damp_retries}")

@@ -1,0 +1,48 @@
+"""Facts about the machine a measurement ran on. Imports neither torch nor onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    cpu: str
+    cores: int
+    python: str
+    versions: dict[str, str | None]
+
+    def describe(self) -> str:
+        versions = ", ".join(f"{k} {v}" for k, v in self.versions.items() if v)
+        return f"{self.cpu}, {self.cores} cores, Python {self.python}, {versions}"
+
+
+def machine_info(packages: tuple[str, ...] = ("torch", "numba", "onnxruntime", "transformers")) -> MachineInfo:
+    return MachineInfo(
+        cpu=cpu_model(),
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        python=platform.python_version(),
+        versions={name: package_version(name) for name in packages},
+    )

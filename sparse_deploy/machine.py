@@ -46,3 +46,12 @@ def machine_info(packages: tuple[str, ...] = ("torch", "numba", "onnxruntime", "
         python=platform.python_version(),
         versions={name: package_version(name) for name in packages},
     )
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

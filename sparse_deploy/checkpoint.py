@@ -1,0 +1,95 @@
+"""The pruned checkpoint's manifest, ``sparse_deploy.json``: the file format between ``prune`` and ``export``.
+
+A pruned checkpoint is a plain ``save_pretrained`` folder (safetensors, zeros stored) plus this manifest:
+
+    {
+      "format_version": 1, "tool_version": "0.1.0",
+      "model": {"source": "facebook/opt-125m", "model_type": "opt", "architecture": "OPTForCausalLM"},
+      "method": "sparsegpt" | "wanda" | "magnitude",
+      "sparsity": 0.5 | null, "pattern": "2:4" | null,       # exactly one is set
+      "calibration": {"source": "wikitext2", "nsamples": 128, "seqlen": 2048, "seed": 0},
+      "solver": {"blocksize": 128, "percdamp": 0.01, "device": "cpu", "true_sequential": false, "skip": null},
+      "layers": [{"name": "model.decoder.layers.0.self_attn.q_proj",   # module path; weight is name + ".weight"
+                  "shape": [768, 768], "sparsity": 0.5, "pattern": null, "rel_error": 0.012, "time_s": 0.3}],
+      "totals": {"prunable_params": 84934656, "pruned_params": 42467328, "sparsity": 0.5},
+      "time_s": 123.4, "time_per_layer_s": [...], "peak_rss_bytes": 1234567890,
+      "versions": {"torch": "2.13.0+cpu", "transformers": "4.57.6", "python": "3.11.7"}
+    }
+
+``rel_error`` is ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² on the calibration inputs of that linear layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparse_deploy.errors import InvalidInputError
+
+MANIFEST_NAME = "sparse_deploy.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    pattern: str | None = None
+    rel_error: float | None = None
+    time_s: float | None = None
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict[str, Any]
+    method: str
+    sparsity: float | None
+    pattern: str | None
+    calibration: dict[str, Any]
+    solver: dict[str, Any]
+    layers: tuple[LayerRecord, ...]
+    totals: dict[str, Any]
+    time_s: float
+    time_per_layer_s: tuple[float, ...]
+    peak_rss_bytes: int
+    versions: dict[str, Any]
+    tool_version: str
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerRecord | None:
+        return next((rec for rec in self.layers if rec.name == name or rec.weight_name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [asdict(rec) for rec in self.layers]
+        return data
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_json(), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The manifest of a pruned checkpoint, or None for a folder without one (any Hugging Face model)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        layers = tuple(
+            LayerRecord(**{**rec, "shape": tuple(rec["shape"])}) for rec in data.pop("layers")
+        )
+        data["time_per_layer_s"] = tuple(data.get("time_per_layer_s", ()))
+        return Manifest(layers=layers, **data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidInputError(f"{path} is not a valid sparse-deploy manifest ({exc}); re-run prune") from exc

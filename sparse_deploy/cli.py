@@ -6,13 +6,19 @@ with the error's exit code (2 for bad input or settings, 1 for failures).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from sparse_deploy import __version__
+from sparse_deploy import __version__, api
+from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
 from sparse_deploy.errors import SparseDeployError
+from sparse_deploy.inspection import inspect_checkpoint
 
 app = typer.Typer(
     help="Prune Hugging Face models with SparseGPT, export them to sparse ONNX, and measure them on CPUs.",
@@ -46,3 +52,96 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """sparse-deploy: one-shot pruning, sparse ONNX export and CPU benchmarks."""
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="A local Hugging Face model folder, or a hub id when online."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the pruned checkpoint."),
+    method: str = typer.Option("sparsegpt", help="sparsegpt, wanda or magnitude."),
+    sparsity: Optional[float] = typer.Option(None, help="Unstructured fraction to prune, in [0, 1) [default: 0.5]."),
+    pattern: Optional[str] = typer.Option(None, help="n:m pattern instead of --sparsity, e.g. 2:4 or 4:8."),
+    calibration: str = typer.Option(
+        "wikitext2", help="wikitext2, c4, ptb (need network), or a local .txt/.jsonl file or folder of them."
+    ),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per window [default: min(2048, model context)]."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
+    blocksize: int = typer.Option(128, help="Columns per SparseGPT block."),
+    percdamp: float = typer.Option(0.01, help="Hessian damping as a fraction of its mean diagonal."),
+    sweep: str = typer.Option("auto", help="Column sweep: auto (numba on CPU, torch on CUDA), numba or torch."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
+    skip: Optional[str] = typer.Option(None, help="Regex of linear-layer names to leave dense."),
+    true_sequential: bool = typer.Option(
+        False, "--true-sequential", help="Prune attention inputs, attention output, MLP in, MLP out in turn."
+    ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads."""
+    with reported():
+        config = PruneConfig(
+            spec=SparsitySpec.from_options(sparsity, pattern),
+            method=method,  # type: ignore[arg-type]
+            calibration=CalibrationConfig(calibration, nsamples, seqlen, seed),
+            solver=SolverConfig(blocksize=blocksize, percdamp=percdamp, device=device, sweep=sweep),  # type: ignore
+            true_sequential=true_sequential,
+            skip=skip,
+            trust_remote_code=trust_remote_code,
+        )
+        report = api.prune(model, output, config, force=force)
+        m = report.manifest
+        typer.echo(
+            f"pruned {len(m.layers)} linear layers of {model} to {m.totals['sparsity']:.1%} "
+            f"({m.method}, {m.pattern or f'{m.sparsity:.0%} unstructured'}) in {m.time_s:.1f} s, "
+            f"peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB -> {report.output}"
+        )
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="A model folder (a checkpoint from prune, or any HF model)."),
+    dataset: str = typer.Option("wikitext2", help="wikitext2, ptb (need network), or a local text file."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per window [default: min(2048, model context)]."),
+    max_chars: Optional[int] = typer.Option(None, help="Evaluate only the text's first N characters."),
+    reference: Optional[str] = typer.Option(None, help="Encoders: the dense model to compare embeddings with."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+) -> None:
+    """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
+    with reported():
+        config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
+                            device=device)  # type: ignore[arg-type]
+        report = api.evaluate(model, config)
+        if report.kind == "perplexity":
+            typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
+                       f"{report.seqlen} tokens)")
+        else:
+            typer.echo(f"mean cosine to {reference}: {report.mean_cosine:.4f} over {report.sentences} sentences")
+        if json_path:
+            json_path.write_text(json.dumps(asdict(report), indent=1) + "\n")
+
+
+@app.command()
+def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> None:
+    """Per-matrix shapes, sparsity and n:m pattern of a checkpoint, and the totals."""
+    with reported():
+        result = inspect_checkpoint(folder)
+        pruned = {w.name for w in result.pruned()}
+        width = max((len(w.name) for w in result.weights), default=10)
+        typer.echo(f"{'weight':<{width}}  {'shape':>13}  {'sparsity':>8}  pattern")
+        for w in result.weights:
+            mark = "" if w.name in pruned else "  (dense)"
+            shape = "x".join(map(str, w.shape))
+            typer.echo(f"{w.name:<{width}}  {shape:>13}  {w.sparsity:8.2%}  {w.pattern or '-'}{mark}")
+        chosen = result.pruned()
+        params = sum(w.numel for w in chosen)
+        zeros = sum(w.zeros for w in chosen)
+        typer.echo(f"pruned matrices: {len(chosen)}, {zeros:,} of {params:,} weights zero "
+                   f"({zeros / params if params else 0:.2%})")
+        typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
+                   f"({result.total_zeros / max(result.total_params, 1):.2%})")
+        if result.manifest:
+            m = result.manifest
+            typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity:.0%}'}, calibrated on "
+                       f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")

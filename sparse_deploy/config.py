@@ -101,3 +101,78 @@ class SolverConfig:
             raise ConfigError(f"row_chunk must be a positive integer, got {self.row_chunk}")
         if self.damp_retries < 0:
             raise ConfigError(f"damp_retries must be >= 0, got {self.damp_retries}")
+
+
+Method = Literal["sparsegpt", "wanda", "magnitude"]
+DATASET_NAMES = ("wikitext2", "c4", "ptb")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration text: a dataset name (``wikitext2``, ``c4``, ``ptb``) or a local .txt/.jsonl file or folder.
+
+    ``seqlen`` None means min(2048, the model's maximum context).
+    """
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError("calibration source is empty; give wikitext2, c4, ptb or a path to a .txt/.jsonl file")
+        if self.nsamples < 1:
+            raise ConfigError(f"nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Whole-model pruning. ``skip``: a regular expression; linear layers whose name matches stay dense."""
+
+    spec: SparsitySpec = SparsitySpec(sparsity=0.5)
+    method: Method = "sparsegpt"
+    calibration: CalibrationConfig = CalibrationConfig()
+    solver: SolverConfig = SolverConfig()
+    true_sequential: bool = False
+    skip: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("sparsegpt", "wanda", "magnitude"):
+            raise ConfigError(f"method must be sparsegpt, wanda or magnitude, got {self.method!r}")
+        if self.skip is not None:
+            try:
+                re.compile(self.skip)
+            except re.error as exc:
+                raise ConfigError(f"--skip {self.skip!r} is not a valid regular expression: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation text: ``wikitext2``, ``ptb`` (test splits) or a local text file. ``max_chars`` cuts the text;
+    ``batch_size`` None means windows of about 4096 tokens per forward pass.
+
+    For encoders, ``reference`` names the model whose embeddings the evaluated model is compared with.
+    """
+
+    dataset: str = "wikitext2"
+    seqlen: int | None = None
+    max_chars: int | None = None
+    batch_size: int | None = None
+    reference: str | None = None
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ConfigError("dataset is empty; give wikitext2, ptb or a path to a text file")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2, got {self.seqlen}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ConfigError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")

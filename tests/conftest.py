@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests are offline: nothing may reach the Hugging Face hub (set before transformers/datasets are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
 
@@ -31,6 +36,15 @@ def correlated_inputs(n: int, cols: int, seed: int = 0, outliers: int = 4) -> to
 
 def hessian_of(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * X.T @ X
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """50k characters of real text (WikiText-2 validation) for fast calibration."""
+    source = shared_path("data", "wikitext-2", "valid.txt").read_text(encoding="utf-8")[:50_000]
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(source, encoding="utf-8")
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,6 +32,6 @@ class HessianAccumulator:
         if b == 0:
             return
         total = self.nsamples + b
-        self.H.mul_(self.nsamples / total)  # rescale the running mean
-        self.H.addmm_(x.T, x, alpha=2.0 / total)  # + 2/total · XᵀX, [cols, cols]
+        # H ← n/(n+b)·H + 2/(n+b)·XᵀX, [cols, cols]: the rescale rides along in the GEMM
+        self.H.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
         self.nsamples = total

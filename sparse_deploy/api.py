@@ -1,0 +1,133 @@
+"""The public API: ``prune`` a Hugging Face model into a checkpoint folder, ``evaluate`` a model folder."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparse_deploy import __version__
+from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
+from sparse_deploy.config import EvalConfig, PruneConfig
+from sparse_deploy.data.calibration import calibration_windows, tokenize
+from sparse_deploy.data.perplexity import Perplexity, perplexity
+from sparse_deploy.data.similarity import embed, mean_cosine, sentences_of
+from sparse_deploy.data.text import load_text
+from sparse_deploy.errors import ConfigError
+from sparse_deploy.hf import copy_side_files, load_model, load_tokenizer, max_context, resolve_source
+from sparse_deploy.io import check_output, staged_output
+from sparse_deploy.machine import package_version, peak_rss_bytes
+from sparse_deploy.prune.sequential import prune_sequential
+from sparse_deploy.prune.solver import resolve_device
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    output: Path
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """``perplexity`` for causal LMs; ``mean_cosine`` (against ``reference``) for encoders."""
+
+    model: str
+    dataset: str
+    kind: str  # "perplexity" | "cosine"
+    seqlen: int
+    perplexity: float | None = None
+    nll: float | None = None
+    tokens: int | None = None
+    windows: int | None = None
+    mean_cosine: float | None = None
+    sentences: int | None = None
+    reference: str | None = None
+    backend: str = "torch"
+
+
+def default_seqlen(config, requested: int | None) -> int:
+    """``requested``, or min(2048, the model's maximum context); a request beyond the context is an error."""
+    limit = max_context(config)
+    if requested is None:
+        return min(2048, limit) if limit else 2048
+    if limit and requested > limit:
+        raise ConfigError(f"seqlen {requested} exceeds the model's maximum context of {limit} tokens")
+    return requested
+
+
+def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConfig(), *, force: bool = False,
+          progress: bool = True) -> PruneReport:
+    """Prune ``model`` (a local folder or a hub id) layer by layer and write a checkpoint folder to ``output``:
+    ``save_pretrained`` files (safetensors, zeros stored), the tokenizer, and ``sparse_deploy.json``."""
+    start = time.perf_counter()
+    model = str(model)
+    output = Path(output)
+    check_output(output, force)  # before any slow work
+    source = resolve_source(model)
+    net, adapter = load_model(source, config.trust_remote_code)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    seqlen = default_seqlen(net.config, config.calibration.seqlen)
+    windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
+    with staged_output(output, force) as stage:
+        report = prune_sequential(net, adapter, windows, config, progress=progress)
+        net.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        copy_side_files(source, stage)
+        pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in report.linears)
+        prunable = sum(r.shape[0] * r.shape[1] for r in report.linears)
+        manifest = Manifest(
+            model={"source": model, "model_type": net.config.model_type,
+                   "architecture": (net.config.architectures or [type(net).__name__])[0]},
+            method=config.method,
+            sparsity=config.spec.sparsity,
+            pattern=str(config.spec) if config.spec.is_nm else None,
+            calibration={"source": config.calibration.source, "nsamples": int(windows.shape[0]),
+                         "seqlen": int(windows.shape[1]), "seed": config.calibration.seed},
+            solver={"blocksize": config.solver.blocksize, "percdamp": config.solver.percdamp,
+                    "device": resolve_device(config.solver.device).type, "true_sequential": config.true_sequential,
+                    "skip": config.skip, "skipped": list(report.skipped)},
+            layers=tuple(LayerRecord(r.name, r.shape, r.sparsity, str(config.spec) if config.spec.is_nm else None,
+                                     r.rel_error, r.time_s) for r in report.linears),
+            totals={"prunable_params": prunable, "pruned_params": pruned,
+                    "sparsity": pruned / prunable if prunable else 0.0},
+            time_s=time.perf_counter() - start,
+            time_per_layer_s=report.layer_times_s,
+            peak_rss_bytes=peak_rss_bytes(),
+            versions={"torch": torch.__version__, "transformers": package_version("transformers"),
+                      "numba": package_version("numba"), "python": platform.python_version()},
+            tool_version=__version__,
+        )
+        write_manifest(stage, manifest)
+    return PruneReport(output, manifest)
+
+
+def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: bool = True) -> EvalReport:
+    """Perplexity of a causal LM on ``config.dataset``'s test text; for an encoder, the mean cosine between its
+    sentence embeddings and ``config.reference``'s on the text's lines."""
+    source = resolve_source(str(model))
+    net, adapter = load_model(source)
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        net = net.float()
+    net.to(device)
+    tokenizer = load_tokenizer(source)
+    text = load_text(config.dataset, "test", config.max_chars)
+    if adapter.kind == "decoder":
+        seqlen = default_seqlen(net.config, config.seqlen)
+        result: Perplexity = perplexity(net, tokenize(tokenizer, text), seqlen, batch_size=config.batch_size,
+                                        device=device, progress=progress)
+        return EvalReport(str(model), config.dataset, "perplexity", seqlen, perplexity=result.perplexity,
+                          nll=result.nll, tokens=result.tokens, windows=result.windows)
+    if config.reference is None:
+        raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
+    reference, _ = load_model(resolve_source(config.reference))
+    reference = (reference.float() if device.type == "cpu" else reference).to(device)
+    sentences = sentences_of(text)
+    max_length = config.seqlen or 128
+    ours = embed(net, tokenizer, sentences, max_length=max_length, device=device)
+    theirs = embed(reference, tokenizer, sentences, max_length=max_length, device=device)
+    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+                      sentences=len(sentences), reference=config.reference)

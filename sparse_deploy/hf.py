@@ -1,0 +1,123 @@
+"""Loading and saving Hugging Face models, configs and tokenizers, with errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from sparse_deploy.adapters import Adapter, adapter_for
+from sparse_deploy.errors import ModelLoadError, UnsupportedModelError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot")
+# written by save_pretrained, or (README.md: the dense model's card) not true of the pruned model
+_NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the hub's host cannot be reached, without the libraries' retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
+        "0",
+        "",
+    ):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_source(model: str) -> str:
+    """A local folder as a path string, or a hub id when the hub can be reached; otherwise a clear error."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelLoadError(f"{model} is not a Hugging Face model folder (no config.json in it)")
+        return str(path)
+    if not _HUB_ID.match(model):
+        raise ModelLoadError(f"model folder {model} does not exist")
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"{model} is not a local folder and the Hugging Face hub cannot be reached; "
+            "download the model elsewhere and pass its folder"
+        )
+    return model
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not read the model config of {source}: {_first_line(exc)}") from None
+
+
+def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
+    """The model (weights in the checkpoint's dtype, on the CPU, in eval mode) and its adapter."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = load_config(source, trust_remote_code)
+    adapter = adapter_for(getattr(config, "model_type", "unknown"))
+    auto = AutoModelForCausalLM if adapter.kind == "decoder" else AutoModel
+    try:
+        model = auto.from_pretrained(
+            source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not load the weights of {source}: {_first_line(exc)}") from None
+    if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedModelError(f"{source} has {model.dtype} weights; sparse-deploy prunes float models")
+    model.eval()
+    model.config.use_cache = False
+    return model, adapter
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {source}: {_first_line(exc)}") from None
+    tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
+    return tokenizer
+
+
+def max_context(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def copy_side_files(source: str, target: Path) -> None:
+    """Copy what a local model folder has beside its weights and config (tokenizer, sentence-transformers
+    files such as modules.json and 1_Pooling/), so the pruned folder works wherever the original did."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if item.name.startswith(".") or item.name in _NOT_COPIED or item.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if item.is_dir():
+            if item.name in ("onnx", "openvino"):  # exported copies of the dense weights
+                continue
+            shutil.copytree(item, target / item.name, dirs_exist_ok=True)
+        elif not (target / item.name).exists():
+            shutil.copy2(item, target / item.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

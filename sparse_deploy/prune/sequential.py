@@ -1,0 +1,177 @@
+"""Layer-by-layer pruning (SparseGPT section 4): capture the first block's inputs for the calibration set,
+then per block: accumulate each linear layer's input Hessian with hooks, prune, and recompute the block's
+outputs with the pruned weights, which become the next block's inputs.
+
+Memory stays bounded: the weights stay where they were loaded (CPU) and only the block being pruned moves to the
+solver's device; the calibration activations exist once ([nsamples, seqlen, hidden]) and are overwritten in place.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparse_deploy.adapters import Adapter
+from sparse_deploy.config import PruneConfig, SolverConfig
+from sparse_deploy.prune.baselines import magnitude, wanda
+from sparse_deploy.prune.hessian import HessianAccumulator
+from sparse_deploy.prune.solver import PruneResult, resolve_device, sparsify
+
+
+@dataclass(frozen=True)
+class LinearReport:
+    """One pruned linear layer: ``rel_error`` is ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² on its calibration inputs."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    rel_error: float
+    time_s: float
+
+
+@dataclass(frozen=True)
+class SequentialReport:
+    linears: tuple[LinearReport, ...]
+    layer_times_s: tuple[float, ...]
+    skipped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Captured:
+    """The first block's inputs: hidden states [nsamples, seqlen, hidden], and the other arguments the model
+    passes to every block (masks, positions, rotary embeddings), the same for every window."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def prune_sequential(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, config: PruneConfig, *, progress: bool = True
+) -> SequentialReport:
+    """Prune every linear layer of every block of ``model`` in place. ``windows``: token ids [nsamples, seqlen]."""
+    device = resolve_device(config.solver.device)
+    solver = replace(config.solver, device=device.type)  # type: ignore[arg-type]
+    compute_dtype = torch.float32 if device.type == "cpu" else model.dtype  # CPU kernels want fp32
+    names = {module: name for name, module in model.named_modules()}
+    skip = re.compile(config.skip) if config.skip else None
+
+    with torch.no_grad():
+        captured = _capture_first_inputs(model, adapter, windows, device, compute_dtype)
+        reports: list[LinearReport] = []
+        skipped: list[str] = []
+        layer_times: list[float] = []
+        blocks = adapter.blocks(model)
+        bar = tqdm(blocks, desc="prune", unit="layer", disable=not progress, leave=False)
+        for block in bar:
+            start = time.perf_counter()
+            dtype = next(block.parameters()).dtype
+            block.to(device=device, dtype=compute_dtype)
+            steps = [(group,) for group in adapter.groups] if config.true_sequential else [adapter.groups]
+            for groups in steps:
+                linears = {n: block.get_submodule(n) for group in groups for n in group}
+                skipped += [names[m] for m in linears.values() if skip and skip.search(names[m])]
+                stats = _collect(block, adapter, groups, captured, skip, names)
+                for local, acc in stats.items():
+                    reports.append(_prune_linear(linears[local], names[linears[local]], adapter, acc.H, config,
+                                                 solver))
+            for j in range(captured.hidden.shape[0]):  # outputs of the pruned block feed the next one
+                captured.hidden[j : j + 1] = _block_output(block(captured.hidden[j : j + 1], *captured.args,
+                                                                 **captured.kwargs))
+            block.to(device="cpu", dtype=dtype)
+            layer_times.append(time.perf_counter() - start)
+            bar.set_postfix(layer_s=f"{layer_times[-1]:.1f}")
+    return SequentialReport(tuple(reports), tuple(layer_times), tuple(skipped))
+
+
+def _capture_first_inputs(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> _Captured:
+    """Run the base model with only its first block, recording that block's inputs through a pre-hook.
+
+    The block list is cut to its first block for the duration, so embeddings, the first block and the final
+    norm run, nothing raises through the model, and the language-model head never runs.
+    """
+    blocks = adapter.blocks(model)
+    base = model.base_model
+    model_dtype = next(base.parameters()).dtype
+    store: dict = {}
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if "hidden" not in store:
+            store["hidden"] = torch.empty((windows.shape[0], *hidden.shape[1:]), dtype=dtype, device=device)
+            store["args"] = args[1:]
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        store["hidden"][store["count"] : store["count"] + 1] = hidden
+        store["count"] += 1
+
+    store["count"] = 0
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    adapter.set_blocks(model, nn.ModuleList([blocks[0]]))
+    try:
+        base.to(device=device, dtype=dtype)
+        for j in range(windows.shape[0]):
+            ids = windows[j : j + 1].to(device)
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        handle.remove()
+        adapter.set_blocks(model, blocks)
+        base.to(device="cpu", dtype=model_dtype)
+    return _Captured(store["hidden"], store["args"], store["kwargs"])
+
+
+def _collect(block, adapter, groups, captured, skip, names) -> dict[str, HessianAccumulator]:
+    """Run the block over the calibration set with a hook on the first linear of each group: one Hessian per
+    group of linears that share an input (skipped linears take no part)."""
+    stats: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        members = [local for local in group if not (skip and skip.search(names[block.get_submodule(local)]))]
+        if not members:
+            continue
+        first = block.get_submodule(members[0])
+        acc = HessianAccumulator(adapter.get_weight(first).shape[1], device=captured.hidden.device)
+        handles.append(first.register_forward_hook(lambda module, inputs, output, acc=acc: acc.add(inputs[0])))
+        stats.update({local: acc for local in members})
+    try:
+        for j in range(captured.hidden.shape[0]):
+            block(captured.hidden[j : j + 1], *captured.args, **captured.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverConfig) -> LinearReport:
+    start = time.perf_counter()
+    W = adapter.get_weight(linear).clone()  # [out, in]
+    if config.method == "sparsegpt":
+        result: PruneResult = sparsify(W, H, config.spec, solver, name=name)
+    elif config.method == "wanda":
+        result = wanda(W, H, config.spec, name=name)
+    else:
+        result = magnitude(W, H, config.spec, name=name)
+    adapter.set_weight(linear, result.weight)
+    # With H = 2/n·XᵀX: ‖(W − Ŵ)Xᵀ‖²/n = loss − ½λ‖ΔW‖² over live inputs, and ‖WXᵀ‖²/n = ½·tr(WHWᵀ).
+    live = H.diagonal() != 0
+    delta = (W - result.weight)[:, live].float()
+    error = float(result.loss.sum()) - 0.5 * result.damp * float(delta.square().sum())
+    Wf = W.float()
+    reference = 0.5 * float(((Wf @ H.float()) * Wf).sum())
+    return LinearReport(
+        name=name,
+        shape=tuple(W.shape),
+        sparsity=float(result.mask.float().mean()),
+        rel_error=max(error, 0.0) / reference if reference > 0 else 0.0,
+        time_s=time.perf_counter() - start,
+    )
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,87 @@
+"""The command line: one-line errors with non-zero exits, nothing half-written, and the happy path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import make_tiny
+from typer.testing import CliRunner
+
+from sparse_deploy.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory):
+    return make_tiny("opt", tmp_path_factory.mktemp("tiny") / "opt")
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code: int, text: str):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
+
+
+@pytest.mark.parametrize(
+    "extra,text",
+    [
+        (["--sparsity", "1.5"], "[0, 1)"),
+        (["--pattern", "3:2"], "0 < n < m"),
+        (["--pattern", "two:four"], "form n:m"),
+        (["--sparsity", "0.5", "--pattern", "2:4"], "not both"),
+        (["--method", "obs"], "sparsegpt, wanda or magnitude"),
+        (["--skip", "("], "not a valid regular expression"),
+        (["--device", "tpu"], "auto, cpu or cuda"),
+    ],
+)
+def test_bad_settings(tiny_opt, tmp_path, extra, text):
+    one_line_error(run("prune", tiny_opt, "-o", tmp_path / "out", *extra), 2, text)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_and_existing_output(tiny_opt, tmp_path, calib_text):
+    one_line_error(run("prune", tmp_path / "nope", "-o", tmp_path / "out"), 2, "does not exist")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    one_line_error(run("prune", tiny_opt, "-o", tmp_path / "out", "--calibration", calib_text), 2, "--force")
+
+
+def test_prune_inspect_eval(tiny_opt, tmp_path, calib_text):
+    out = tmp_path / "pruned"
+    result = run("prune", tiny_opt, "-o", out, "--pattern", "2:4", "--calibration", calib_text,
+                 "--nsamples", 4, "--seqlen", 32, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "pruned 12 linear layers" in result.output and "50.0%" in result.output
+    table = run("inspect", out)
+    assert table.exit_code == 0
+    rows = [line for line in table.output.splitlines() if ".fc1.weight" in line]
+    assert len(rows) == 2 and all("50.00%" in r and "2:4" in r for r in rows)
+    assert "pruned matrices: 12" in table.output
+    report = tmp_path / "ppl.json"
+    result = run("eval", out, "--dataset", calib_text, "--seqlen", 32, "--max-chars", 5000, "--json", report,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["kind"] == "perplexity" and data["perplexity"] > 1 and data["seqlen"] == 32
+    assert f"{data['perplexity']:.3f}" in result.output
+
+
+def test_inspect_and_eval_errors(tmp_path, tiny_opt):
+    one_line_error(run("inspect", tmp_path / "nope"), 2, "not a folder")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a safetensors file")
+    one_line_error(run("inspect", tmp_path / "broken"), 2, "not a readable safetensors file")
+    one_line_error(run("eval", tiny_opt, "--dataset", tmp_path / "missing.txt"), 2, "neither a file")
+
+
+def test_help_explains_options():
+    result = run("prune", "--help")
+    assert result.exit_code == 0
+    for option in ("--pattern", "--calibration", "--true-sequential", "--skip", "--force"):
+        assert option in result.output

@@ -4,7 +4,8 @@
 
 The model is built from ../shared/tokenizers/opt/config.json with random fp32 weights; calibration text is
 WikiText-2 validation from ../shared/data. Modes: quick = 16 x 512 tokens, full = 128 x 2048 tokens.
-Each run is a fresh `python -m sparse_deploy prune` process, so its peak RSS is its own. Peak RSS is set
+Each run is a fresh `python -m sparse_deploy prune` process, so its peak RSS (recorded in the checkpoint's
+sparse_deploy.json) is its own. Peak RSS is set
 against the model's weight bytes plus one copy of the calibration activations (nsamples x seqlen x hidden x 4).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,13 +61,9 @@ def run_once(model: Path, out: Path, mode: str, solver: str, device: str, hidden
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "sparse_deploy", "prune", str(model), "-o", str(out), "--force", "--sweep", solver,
            "--calibration", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", device]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib < before:  # the maximum over all children so far: only trust a new maximum
-        peak_kib = before
     manifest = json.loads((out / "sparse_deploy.json").read_text())
     layers = manifest["time_per_layer_s"]
     return PruneRun(mode, solver, device, nsamples, seqlen, wall, manifest["time_s"], sum(layers) / len(layers),

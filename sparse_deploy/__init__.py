@@ -1,3 +1,36 @@
-"""sparse-deploy: prune Hugging Face models with SparseGPT, export them to sparse ONNX, measure them on CPUs."""
+"""sparse-deploy: prune Hugging Face models with SparseGPT, export them to sparse ONNX, measure them on CPUs.
+
+The public API is imported lazily, so that ``sparse_deploy.runtime`` (onnxruntime and numpy only) can be used
+without importing torch:
+
+    from sparse_deploy import prune, evaluate, PruneConfig, SparsitySpec
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "prune": "sparse_deploy.api",
+    "evaluate": "sparse_deploy.api",
+    "PruneReport": "sparse_deploy.api",
+    "EvalReport": "sparse_deploy.api",
+    "PruneConfig": "sparse_deploy.config",
+    "CalibrationConfig": "sparse_deploy.config",
+    "EvalConfig": "sparse_deploy.config",
+    "SolverConfig": "sparse_deploy.config",
+    "SparsitySpec": "sparse_deploy.config",
+    "inspect_checkpoint": "sparse_deploy.inspection",
+    "benchmark": "sparse_deploy.runtime.bench",
+    "BenchConfig": "sparse_deploy.runtime.bench",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sparse_deploy' has no attribute {name!r}")

@@ -106,7 +106,10 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
 
 def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: bool = True) -> EvalReport:
     """Perplexity of a causal LM on ``config.dataset``'s test text; for an encoder, the mean cosine between its
-    sentence embeddings and ``config.reference``'s on the text's lines."""
+    sentence embeddings and ``config.reference``'s on the text's lines. ``model`` is a checkpoint folder (run
+    with torch) or an exported folder holding model.onnx (run with ONNX Runtime, same tokenizer and protocol)."""
+    if (Path(model) / "model.onnx").exists():
+        return _evaluate_onnx(Path(model), config, progress)
     source = resolve_source(str(model))
     net, adapter = load_model(source)
     device = resolve_device(config.device)
@@ -131,3 +134,37 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     theirs = embed(reference, tokenizer, sentences, max_length=max_length, device=device)
     return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference)
+
+
+def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalReport:
+    """The same protocols through ONNX Runtime: logits of whole windows, or mean-pooled embeddings."""
+    from tqdm.auto import tqdm
+
+    from sparse_deploy.data.perplexity import nll_sum, summarise, windows_of
+    from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed as onnx_embed
+
+    exported = ExportedModel(folder)
+    tokenizer = load_tokenizer(str(folder))
+    text = load_text(config.dataset, "test", config.max_chars)
+    if exported.info.kind == "decoder":
+        runner = DecoderRunner(exported)
+        seqlen = config.seqlen or min(2048, exported.info.max_context or 2048)
+        windows = windows_of(tokenize(tokenizer, text), seqlen)
+        batch = config.batch_size or max(1, 4096 // seqlen)
+        total = 0.0
+        for start in tqdm(range(0, windows.shape[0], batch), desc="eval", unit="batch", disable=not progress,
+                          leave=False):
+            ids = windows[start : start + batch]
+            total += nll_sum(torch.from_numpy(runner.logits(ids.numpy())), ids)
+        result = summarise(total, windows)
+        return EvalReport(str(folder), config.dataset, "perplexity", seqlen, perplexity=result.perplexity,
+                          nll=result.nll, tokens=result.tokens, windows=result.windows, backend="onnxruntime")
+    if config.reference is None:
+        raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
+    sentences = sentences_of(text)
+    max_length = config.seqlen or 128
+    ours = torch.from_numpy(onnx_embed(exported, sentences, max_length=max_length))
+    reference, _ = load_model(resolve_source(config.reference))
+    theirs = embed(reference.float(), tokenizer, sentences, max_length=max_length)
+    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+                      sentences=len(sentences), reference=config.reference, backend="onnxruntime")

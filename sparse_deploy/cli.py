@@ -17,7 +17,7 @@ import typer
 
 from sparse_deploy import __version__, api
 from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
-from sparse_deploy.errors import SparseDeployError
+from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
 
 app = typer.Typer(
@@ -145,3 +145,49 @@ def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> 
             m = result.manifest
             typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity:.0%}'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
+
+
+@app.command()
+def bench(
+    onnx_dir: Path = typer.Argument(..., help="An exported folder (model.onnx) to measure."),
+    baseline: Optional[Path] = typer.Option(None, help="A dense export of the same model, for the ratios."),
+    torch_baseline: Optional[Path] = typer.Option(None, help="A checkpoint folder to time under PyTorch eager."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens (decoders)."),
+    new_tokens: int = typer.Option(64, help="Tokens to generate per run (decoders)."),
+    batch: int = typer.Option(1, help="Sequences per run (decoders)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
+    runs: int = typer.Option(5, help="Timed runs after one warm-up run."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart here."),
+) -> None:
+    """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
+    with reported():
+        from sparse_deploy.report import format_comparison, plot_comparison
+        from sparse_deploy.runtime.bench import BenchConfig, benchmark
+
+        config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs)
+        comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config)
+        typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
+        if json_path:
+            json_path.write_text(json.dumps(comparison.to_json(), indent=1) + "\n")
+        if plot:
+            plot_comparison(comparison, plot)
+            typer.echo(f"plot written to {plot}")
+
+
+@app.command()
+def generate(
+    onnx_dir: Path = typer.Argument(..., help="An exported decoder folder (model.onnx)."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
+) -> None:
+    """Greedy continuation of a prompt through ONNX Runtime, with the KV cache."""
+    with reported():
+        from sparse_deploy.runtime import ExportedModel, SessionConfig
+        from sparse_deploy.runtime import generate as run_generate
+
+        if max_new_tokens < 1:
+            raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        model = ExportedModel(onnx_dir, SessionConfig(threads=threads))
+        typer.echo(prompt + run_generate(model, prompt, max_new_tokens))

@@ -49,7 +49,15 @@ def machine_info(packages: tuple[str, ...] = ("torch", "numba", "onnxruntime", "
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far. On Linux, VmHWM of /proc/self/status: unlike
+    getrusage's ru_maxrss, it starts afresh at exec, so a worker does not inherit its parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     import sys
 

@@ -1,0 +1,171 @@
+"""ONNX Runtime sessions over an exported folder. Imports onnxruntime, numpy and tokenizers only (no torch).
+
+An exported folder holds ``model.onnx`` (+ external data), ``config.json``, the tokenizer files and, when
+sparse-deploy wrote it, ``export.json``. ``ExportedModel`` opens it and says what kind of model it is:
+a ``decoder`` (inputs ``input_ids``, ``attention_mask``, ``position_ids``?, ``past_key_values.{i}.key/value``;
+outputs ``logits``, ``present.{i}.key/value``) or an ``encoder`` (output ``last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from sparse_deploy.errors import ConfigError, RuntimeSessionError
+
+Optimization = Literal["disable", "basic", "extended", "all"]
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# what ONNX Runtime raises for a bad file or a failed run (all derive from Exception directly)
+ORT_ERRORS = tuple(
+    getattr(_ort_state, name)
+    for name in ("Fail", "InvalidProtobuf", "NoSuchFile", "InvalidGraph", "RuntimeException", "InvalidArgument",
+                 "NotImplemented", "EPFail")
+    if hasattr(_ort_state, name)
+)
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """``threads``: intra-op threads (None: ONNX Runtime's default, one per core). ``providers``: execution
+    providers in order of preference."""
+
+    threads: int | None = None
+    optimization: Optimization = "all"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.optimization not in _LEVELS:
+            raise ConfigError(f"optimization must be one of {', '.join(_LEVELS)}, got {self.optimization!r}")
+        unknown = set(self.providers) - set(ort.get_available_providers())
+        if unknown:
+            raise ConfigError(f"execution providers {sorted(unknown)} are not available; "
+                              f"available: {ort.get_available_providers()}")
+
+
+def open_session(path: str | Path, config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
+    """An InferenceSession for ``path``; a missing or corrupt file is a RuntimeSessionError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeSessionError(f"{path} does not exist")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[config.optimization]
+    options.log_severity_level = 3
+    if config.threads is not None:
+        options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(config.providers))
+    except ORT_ERRORS as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeSessionError(f"ONNX Runtime could not load {path}: {message}") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: Literal["decoder", "encoder"]
+    layers: int  # past key/value pairs (decoders)
+    kv_heads: int
+    head_dim: int
+    kv_dtype: type
+    max_context: int | None
+    eos_token_id: int | None
+    has_position_ids: bool
+
+
+class ExportedModel:
+    """An exported folder opened under ONNX Runtime: the session, what kind of model it is, its tokenizer."""
+
+    def __init__(self, folder: str | Path, config: SessionConfig = SessionConfig()):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise RuntimeSessionError(f"{self.folder} is not a folder")
+        onnx_file = self.folder / "model.onnx"
+        if not onnx_file.exists():
+            raise RuntimeSessionError(f"{self.folder} holds no model.onnx; run `sparse-deploy export` first")
+        self.config = config
+        self.session = open_session(onnx_file, config)
+        self.hf_config = _read_json(self.folder / "config.json")
+        self.export_info = _read_json(self.folder / "export.json")
+        self.info = _inspect(self.session, self.hf_config)
+        self._tokenizer = None
+
+    @property
+    def file_bytes(self) -> int:
+        """model.onnx plus its external data files."""
+        return sum(p.stat().st_size for p in self.folder.iterdir()
+                   if p.name == "model.onnx" or p.name.startswith("model.onnx") or p.suffix == ".data")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+    def require(self, kind: str) -> None:
+        if self.info.kind != kind:
+            raise RuntimeSessionError(f"{self.folder} is an {self.info.kind} export; this needs a {kind}")
+
+    def input_names(self) -> set[str]:
+        return {i.name for i in self.session.get_inputs()}
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer.json through the `tokenizers` library, without its own padding/truncation."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise RuntimeSessionError(f"{folder} holds no tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RuntimeSessionError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _inspect(session: ort.InferenceSession, hf_config: dict) -> ModelInfo:
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    past = sorted(n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    max_context = next((hf_config[k] for k in ("max_position_embeddings", "n_positions") if k in hf_config), None)
+    eos = hf_config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if "logits" in outputs and "input_ids" in inputs:
+        if not past:
+            raise RuntimeSessionError("the decoder was exported without a KV cache; export it with past")
+        shape = inputs[past[0]].shape  # [batch, kv_heads, past_len, head_dim]
+        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+            raise RuntimeSessionError(f"cannot read the KV-cache shape from {past[0]}: {shape}")
+        return ModelInfo("decoder", len(past), shape[1], shape[3], _NP_TYPES.get(inputs[past[0]].type, np.float32),
+                         max_context, eos, "position_ids" in inputs)
+    if "last_hidden_state" in outputs:
+        return ModelInfo("encoder", 0, 0, 0, np.float32, max_context, eos, "position_ids" in inputs)
+    raise RuntimeSessionError(f"the model has outputs {sorted(outputs)}: neither a causal LM nor an encoder")

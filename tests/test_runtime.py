@@ -1,0 +1,123 @@
+"""The ONNX Runtime side: torch-free imports, greedy generation equal to transformers, embeddings, eval
+parity with torch, bench fields, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparse_deploy.api import evaluate
+from sparse_deploy.config import EvalConfig
+from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
+from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed, generate
+from sparse_deploy.runtime.bench import BenchConfig, benchmark
+
+
+def export_folder(source, out):
+    """A dense export of a checkpoint folder (decoders with the KV cache)."""
+    from optimum.exporters.onnx import main_export
+
+    task = "feature-extraction" if (source / "vocab.txt").exists() else "text-generation-with-past"
+    main_export(str(source), output=str(out), task=task)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """model_type -> (checkpoint folder, exported folder), built on first use."""
+    root = tmp_path_factory.mktemp("runtime")
+    cache = {}
+
+    def get(model_type):
+        if model_type not in cache:
+            source = make_tiny(model_type, root / f"{model_type}-dense")
+            cache[model_type] = (source, export_folder(source, root / f"{model_type}-onnx"))
+        return cache[model_type]
+
+    return get
+
+
+def test_runtime_import_does_not_import_torch():
+    code = "import sys, sparse_deploy.runtime, sparse_deploy.runtime.bench; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "llama"])
+def test_greedy_tokens_equal_transformers(tiny, model_type):
+    source, onnx_dir = tiny(model_type)
+    model = ExportedModel(onnx_dir)
+    prompt = AutoTokenizer.from_pretrained(source)("def parse(self, text):\n    return", return_tensors="np")
+    ids = prompt["input_ids"].astype(np.int64)
+    ours = DecoderRunner(model).greedy(ids, 12, stop_at_eos=False)
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                             max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+    text = generate(model, "def parse(self, text):", max_new_tokens=3)
+    assert isinstance(text, str)
+
+
+def test_onnx_perplexity_agrees_with_torch(tiny, calib_text):
+    source, onnx_dir = tiny("opt")
+    config = EvalConfig(dataset=str(calib_text), seqlen=64, max_chars=20_000, device="cpu")
+    ours = evaluate(onnx_dir, config, progress=False)
+    theirs = evaluate(source, config, progress=False)
+    assert ours.backend == "onnxruntime" and theirs.backend == "torch" and ours.windows == theirs.windows
+    assert abs(ours.perplexity / theirs.perplexity - 1) < 0.005
+
+
+def test_encoder_embeddings_match_torch(tiny, calib_text):
+    source, onnx_dir = tiny("bert")
+    model = ExportedModel(onnx_dir)
+    sentences = ["A short sentence.", "Another, somewhat longer sentence about sparse weights on CPUs."]
+    vectors = embed(model, sentences)
+    assert vectors.shape == (2, 64)
+    result = evaluate(onnx_dir, EvalConfig(dataset=str(calib_text), max_chars=3000, reference=str(source),
+                                           device="cpu"), progress=False)
+    assert result.mean_cosine > 0.9999, "the dense export must reproduce torch's embeddings"
+
+
+def test_bench_produces_every_field(tiny, tmp_path):
+    source, onnx_dir = tiny("opt")
+    config = BenchConfig(prompt_len=8, new_tokens=4, runs=2)
+    result = benchmark(onnx_dir, baseline=onnx_dir, torch_baseline=source, config=config).to_json()
+    for key in ("file_bytes", "load_s", "peak_rss_bytes", "prefill_ms", "decode_ms_p50", "decode_ms_p90",
+                "decode_ms_p99", "tokens_per_s"):
+        assert result["model"][key] > 0 and result["torch"][key] > 0, key
+    assert {"decode_p50_ratio", "file_bytes_ratio", "load_s_ratio", "peak_rss_ratio"} <= set(result["vs_dense"])
+    assert result["vs_dense"]["file_bytes_ratio"] == 1.0
+    assert result["machine"]["threads"] >= 1 and result["machine"]["onnxruntime_version"]
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_bench_encoder_fields(tiny):
+    _, onnx_dir = tiny("bert")
+    result = benchmark(onnx_dir, config=BenchConfig(runs=1)).model
+    assert result.kind == "encoder" and result.sentences_per_s_batch1 > 0 and result.sentences_per_s_batch32 > 0
+
+
+def test_bad_runtime_input(tiny, tmp_path):
+    source, onnx_dir = tiny("opt")
+    with pytest.raises(RuntimeSessionError, match="is not a folder"):
+        ExportedModel(tmp_path / "missing")
+    with pytest.raises(RuntimeSessionError, match="no model.onnx"):
+        ExportedModel(source)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(RuntimeSessionError, match="could not load"):
+        ExportedModel(tmp_path / "corrupt")
+    _, bert_dir = tiny("bert")
+    with pytest.raises(RuntimeSessionError, match="encoder export; this needs a decoder"):
+        generate(ExportedModel(bert_dir), "hello")
+    long_prompt = np.ones((1, 120), dtype=np.int64)
+    with pytest.raises(InvalidInputError, match="beyond the model's context of 128"):
+        DecoderRunner(ExportedModel(onnx_dir)).greedy(long_prompt, 20)

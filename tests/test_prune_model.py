@@ -159,3 +159,17 @@ def test_seqlen_beyond_context_is_rejected(tmp_path, calib_text):
     with pytest.raises(ConfigError, match="maximum context of 128"):
         prune(str(source), tmp_path / "out", config, progress=False)
 
+
+
+@pytest.mark.gpu
+def test_cuda_prune_matches_cpu_prune(tmp_path, calib_text):
+    source = make_tiny("opt", tmp_path / "dense")
+    cpu = prune(str(source), tmp_path / "cpu", config_for(calib_text), progress=False).manifest
+    gpu_config = PruneConfig(spec=SparsitySpec.unstructured(0.5), solver=SolverConfig(device="cuda"),
+                             calibration=CalibrationConfig(str(calib_text), nsamples=4, seqlen=32))
+    gpu = prune(str(source), tmp_path / "gpu", gpu_config, progress=False).manifest
+    assert gpu.solver["device"] == "cuda"
+    for name, weight in linear_weights(tmp_path / "gpu", "opt").items():
+        assert abs(float((weight == 0).float().mean()) - 0.5) <= 0.005, name
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=0.1, abs=1e-4), a.name

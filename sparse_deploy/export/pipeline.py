@@ -24,7 +24,7 @@ from sparse_deploy.errors import ExportError
 from sparse_deploy.export.onnx_export import (
     MODEL_FILE, copy_support_files, export_onnx, load_source, parameter_names, save_model,
 )
-from sparse_deploy.export.quantize import QUANT_SUFFIX, quantize_int8
+from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.io import check_output, staged_output
@@ -158,13 +158,16 @@ def export(
             raw = stage / ".raw"
             step(1)
             model = onnx.load(str(export_onnx(source, raw, config.opset)))
+            step(2)
+            untied: tuple[str, ...] = ()
+            if config.quantize == "int8":  # MatMul-only weights [in, out], so name them after this
+                model, untied = prepare_int8(model)
             sources = parameter_names(model, source.model)
             pruned = {name for name, param in sources.items() if source.manifest is not None
                       and source.manifest.layer(param.split(" ")[0]) is not None}
             quantized: tuple[str, ...] = ()
-            step(2)
             if config.quantize == "int8":
-                result = quantize_int8(model)
+                result = quantize_int8(model, untied)
                 model, quantized = result.model, result.quantized
                 sources = {**sources, **{n + QUANT_SUFFIX: sources[n] for n in quantized if n in sources}}
                 pruned |= {n + QUANT_SUFFIX for n in quantized if n in pruned}

@@ -102,11 +102,16 @@ def untie_transposed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str
     return out, tuple(untied)
 
 
-def quantize_int8(model: onnx.ModelProto) -> QuantizeResult:
-    """Per-output-channel symmetric int8 weights for every MatMul with a constant weight (see module doc)."""
+def prepare_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """Gemm → MatMul and untied LM-head copies (see module doc); returns the model and the untied initializers."""
+    return untie_transposed(gemm_to_matmul(model))
+
+
+def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> QuantizeResult:
+    """Per-output-channel symmetric int8 weights for every MatMul with a constant float weight of a model that
+    went through ``prepare_int8``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    prepared, untied = untie_transposed(gemm_to_matmul(model))
     inits = {init.name: init for init in prepared.graph.initializer}
     targets = [
         node for node in prepared.graph.node

@@ -20,7 +20,7 @@ from sparse_deploy.errors import (
     ExportMismatchError, ModelLoadError, OutputExistsError, UnsupportedModelError,
 )
 from sparse_deploy.export import REPORT_NAME, SparseEncodingWarning
-from sparse_deploy.export.sparse_encoding import read_packed
+from sparse_deploy.export.sparse_encoding import densify, read_packed
 from sparse_deploy.prune import magnitude
 
 DECODE_OPS = {"CumSum", "GatherElements"}
@@ -67,7 +67,8 @@ def prune_blocks(model, spec: SparsitySpec) -> list[str]:
     names = []
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, (torch.nn.Linear, Conv1D)) or not any(k in name for k in (".layers.", ".h.", ".layer.")):
+            in_block = any(k in name for k in (".layers.", ".h.", ".layer."))
+            if not isinstance(module, (torch.nn.Linear, Conv1D)) or not in_block:
                 continue
             transposed = isinstance(module, Conv1D)  # Conv1D stores [in, out]; n:m groups run along the inputs
             W = module.weight.T if transposed else module.weight
@@ -147,7 +148,8 @@ def test_packed_export_matches_torch_and_passes_the_full_check(kind, checkpoints
         assert {"input_ids", "attention_mask", "past_key_values.0.key"} <= names[0]
         assert {"logits", "present.0.key", "present.1.value"} <= names[1]
     if kind in ("opt", "gpt2"):  # tied LM head: the embedding is stored once
-        vocab_sized = [i for i in model.graph.initializer if len(i.dims) == 2 and 64 * len(_tokenizer(kind)) == np.prod(i.dims)]
+        vocab = len(_tokenizer(kind))
+        vocab_sized = [i for i in model.graph.initializer if len(i.dims) == 2 and np.prod(i.dims) == 64 * vocab]
         assert len(vocab_sized) == 1
 
 
@@ -198,6 +200,23 @@ def test_int8_runs_on_integer_kernels_and_keeps_zeros(checkpoints, tmp_path):
         W = W.T if source.endswith("(transposed)") else W
         assert q.dtype == np.int8 and q.shape == W.shape and np.all(q[W == 0] == 0), "pruned zeros stay exactly 0"
         assert np.all(inits[rec.name[: -len("_quantized")] + "_zero_point"] == 0)
+
+    # numpy-decoded weights handed to ONNX Runtime give the same logits as its own folding of the decode
+    import onnxruntime as ort
+
+    dense = densify(model)
+    options = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in dense.weights.values()]
+    options.add_external_initializers(list(dense.weights), values)
+    sessions = [ort.InferenceSession(dense.model.SerializeToString(), options, providers=["CPUExecutionProvider"]),
+                ort.InferenceSession(str(tmp_path / "int8" / "model.onnx"), providers=["CPUExecutionProvider"])]
+    feeds = {"input_ids": np.array([[2, 100, 200, 300]]), "attention_mask": np.ones((1, 4), np.int64),
+             "position_ids": np.arange(4)[None]}
+    for arg in sessions[1].get_inputs():
+        if arg.name.startswith("past_key_values."):
+            feeds[arg.name] = np.zeros((1, arg.shape[1], 0, arg.shape[3]), np.float32)
+    first, second = (s.run(["logits"], feeds)[0] for s in sessions)
+    assert np.array_equal(first, second)
 
 
 def test_bad_inputs_fail_cleanly(checkpoints, tmp_path):
@@ -257,3 +276,13 @@ def test_cli_exports_and_reports_errors_on_one_line(checkpoints, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "config.json" in errors[0]
     assert not (tmp_path / "x").exists() and os.listdir(out)
+
+
+def test_export_config_is_validated():
+    from sparse_deploy.errors import ConfigError
+
+    for bad in ({"encoding": "zip"}, {"quantize": "int4"}, {"opset": 7}, {"opset": True}, {"min_sparsity": 0},
+                {"tolerance": 0.0}, {"tolerance": float("nan")}, {"validation_tokens": 1}):
+        with pytest.raises(ConfigError):
+            ExportConfig(**bad)
+    assert ExportConfig().encoding == "packed" and ExportConfig(opset=17).opset == 17

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy.export.sparse_encoding import (
-    coo_nbytes, encode, initializer_bytes, pack, packed_nbytes, plan, read_packed, unpack, weight_names,
+    coo_nbytes, densify, encode, initializer_bytes, load_densified, pack, packed_nbytes, plan, read_packed, unpack,
+    weight_names,
 )
 
 
@@ -78,10 +79,11 @@ def test_pack_unpack_is_exact(shape, dtype):
 def test_onnx_runtime_decodes_packed_weights_bit_exactly(tmp_path, opset, dtype):
     W = pruned(37, 29, 0.5, seed=3, dtype=dtype)  # 29 columns: rows padded to whole bytes
     model = weight_model(W, opset)
-    records = plan(model, "packed")
+    records = plan(model, "packed", chunk_elems=29 * 8)
     assert [r.encoding for r in records] == ["packed"]
     path = tmp_path / "packed.onnx"
     encoded = encode(model, records, chunk_elems=29 * 8)  # 5 chunks of 8 rows and a Concat
+    assert 2048 < initializer_bytes(encoded) - records[0].stored_bytes < 2200  # lookup table, shape constants
     assert np.array_equal(read_packed(encoded, "W"), W)
     onnx.save(encoded, path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -145,3 +147,35 @@ def test_weights_are_found_by_role_not_name():
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(W.T), "fc.weight"))
     model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 4), np.float32), "not_a_weight"))
     assert weight_names(model) == ["onnx::MatMul_123", "fc.weight"]
+
+
+def test_densify_hands_decoded_weights_to_onnx_runtime(tmp_path):
+    W = pruned(24, 40, 0.5, seed=7)
+    model = weight_model(W)
+    encoded = encode(model, plan(model, "packed"))
+    dense = densify(encoded)
+    assert list(dense.weights) == ["W"] and np.array_equal(dense.weights["W"], W)
+    assert [n.op_type for n in dense.model.graph.node] == ["MatMul", "Identity"]
+    assert initializer_bytes(dense.model) == 0, "the placeholder carries no data"
+    options = ort.SessionOptions()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in dense.weights.items()}
+    options.add_external_initializers(list(values), list(values.values()))
+    session = ort.InferenceSession(dense.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(["w_out"], {"x": np.zeros((1, 24), np.float32)})[0], W)
+
+
+def test_load_densified_moves_large_initializers_out_of_the_proto(tmp_path):
+    weights = {"W": pruned(32, 64, 0.5, seed=8), "E": pruned(64, 16, 0.0, seed=9)}
+    model = matmul_model(weights)
+    path = tmp_path / "packed.onnx"
+    onnx.save(encode(model, plan(model, "packed")), path)
+    loaded = load_densified(path, min_bytes=1024)
+    assert sorted(loaded.weights) == ["E", "W"] and initializer_bytes(loaded.model) == 0
+    assert all(np.array_equal(loaded.weights[k], v) for k, v in weights.items())
+    options = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in loaded.weights.values()]
+    options.add_external_initializers(list(loaded.weights), values)
+    session = ort.InferenceSession(loaded.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, 32), np.float32)
+    np.testing.assert_allclose(session.run(["y0"], {"x0": x, "x1": np.ones((1, 64), np.float32)})[0],
+                               x @ weights["W"], rtol=1e-5)

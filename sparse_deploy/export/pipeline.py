@@ -21,9 +21,7 @@ import onnx
 from sparse_deploy import __version__
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import ExportError
-from sparse_deploy.export.onnx_export import (
-    MODEL_FILE, copy_support_files, export_onnx, load_source, parameter_names, save_model,
-)
+from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
 from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
@@ -155,6 +153,18 @@ def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
 
 
+def _gather_side_files(raw: Path, checkpoint: Path, stage: Path) -> None:
+    """What the exporter wrote beside its model (config, generation config, tokenizer), then what the checkpoint
+    has beside its weights (tokenizer, sparse_deploy.json, sentence-transformers files), then drop the raw export."""
+    from sparse_deploy.hf import copy_side_files
+
+    for item in raw.iterdir():
+        if not item.name.startswith(MODEL_FILE) and not (stage / item.name).exists():
+            shutil.move(str(item), str(stage / item.name))
+    copy_side_files(str(checkpoint), stage)
+    shutil.rmtree(raw)
+
+
 def _coo_notes(records: tuple[TensorEncoding, ...]) -> tuple[str, ...]:
     """One warning per weight stored as coo although that is larger than dense."""
     notes = tuple(
@@ -213,9 +223,7 @@ def export(
             files = save_model(model, stage / MODEL_FILE)
             del model
             checker = _check(files[0], full=not any(rec.encoding == "coo" for rec in records))
-            copy_support_files(raw, stage)
-            copy_support_files(source.folder, stage)
-            shutil.rmtree(raw)
+            _gather_side_files(raw, source.folder, stage)
             step(5)
             hf_config = source.model.config
             ids, input_source = validation_ids(

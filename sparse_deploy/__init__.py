@@ -4,6 +4,7 @@ The public API is imported lazily, so that ``sparse_deploy.runtime`` (onnxruntim
 without importing torch:
 
     from sparse_deploy import prune, evaluate, PruneConfig, SparsitySpec
+    from sparse_deploy import export, ExportConfig
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ _EXPORTS = {
     "inspect_checkpoint": "sparse_deploy.inspection",
     "benchmark": "sparse_deploy.runtime.bench",
     "BenchConfig": "sparse_deploy.runtime.bench",
+    "export": "sparse_deploy.export",
+    "ExportConfig": "sparse_deploy.config",
+    "ExportReport": "sparse_deploy.export",
+    "ParityReport": "sparse_deploy.export",
 }
 
 __all__ = ["__version__", *_EXPORTS]

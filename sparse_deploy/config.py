@@ -176,3 +176,49 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+ExportEncoding = Literal["packed", "coo", "dense", "auto"]
+Quantization = Literal["none", "int8"]
+EXPORT_ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense", "auto")
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of ``sparse-deploy export``.
+
+    ``encoding``: how pruned weights are stored. ``packed`` (a bit per weight plus the nonzero values, rebuilt by
+    ONNX Runtime when the session is created), ``coo`` (ONNX ``sparse_initializer``), ``dense`` (the plain export),
+    or ``auto`` (the smallest of the three for each weight).
+    ``quantize``: ``int8`` quantizes every MatMul weight per output channel, symmetrically, after pruning (zeros
+    stay exactly 0) and runs them on ONNX Runtime's integer kernels; activations are quantized dynamically.
+    ``opset``: the ONNX opset; None takes the exporter's default for the architecture.
+    ``min_sparsity``: a weight counts as pruned when at least this fraction of it is zero (or when the checkpoint's
+    ``sparse_deploy.json`` records it as pruned); other weights stay dense.
+    ``tolerance``: the largest fp32 logit difference allowed, relative to the largest logit magnitude.
+    ``validation_text``: text the parity check tokenizes; None uses a built-in English paragraph.
+    ``validation_tokens``: how many tokens of it are compared (prompt plus one cached decoding step for decoders).
+    """
+
+    encoding: ExportEncoding = "packed"
+    quantize: Quantization = "none"
+    opset: int | None = None
+    min_sparsity: float = 0.25
+    tolerance: float = 1e-3
+    validation_text: str | None = None
+    validation_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.encoding not in EXPORT_ENCODINGS:
+            raise ConfigError(f"encoding must be one of {', '.join(EXPORT_ENCODINGS)}, got {self.encoding!r}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
+                                       or not 11 <= self.opset <= 30):
+            raise ConfigError(f"opset must be an integer from 11 up to the installed onnx's newest, got {self.opset!r}")
+        if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:
+            raise ConfigError(f"min_sparsity must be in (0, 1], got {self.min_sparsity!r}; 0.25 is the default")
+        if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance <= 0:
+            raise ConfigError(f"tolerance must be a positive number, got {self.tolerance!r}; 1e-3 is the default")
+        if isinstance(self.validation_tokens, bool) or not isinstance(self.validation_tokens, int) \
+                or self.validation_tokens < 2:
+            raise ConfigError(f"validation_tokens must be an integer >= 2, got {self.validation_tokens!r}")

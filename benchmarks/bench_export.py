@@ -1,0 +1,186 @@
+"""File bytes, session load time and load peak RSS of sparse ONNX exports of an OPT-125m-shaped model.
+
+    python benchmarks/bench_export.py [--sparsities 0.5,2:4,0.7] [--repeat 3] [--work DIR] [--json PATH]
+
+The model is built from ../shared/tokenizers/opt/config.json with random weights (seed 0), every Linear weight of
+its decoder blocks is magnitude-pruned, and it is exported through ``sparse_deploy.export`` as
+
+    dense        the plain fp32 export (the baseline)
+    coo          fp32, pruned weights as ONNX sparse_initializer
+    packed       fp32, pruned weights as bits + nonzero values
+    int8         int8 weights (per output channel, symmetric), stored dense
+    int8+packed  int8 weights, pruned ones packed
+
+Each session is created ``--repeat`` times, each in a fresh Python process (ONNX Runtime, CPU provider, default
+options); load_s is the median time of creating the session, peak_rss_bytes the median of the process's
+high-water mark (VmHWM) after it, import_rss_bytes the same before it. For the packed variants the load is also
+measured with the packed weights decoded by numpy (``sparse_encoding.load_densified``) and handed to ONNX Runtime
+with ``SessionOptions.add_external_initializers`` instead of being constant-folded by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparse_deploy import ExportConfig, export  # noqa: E402
+from sparse_deploy.config import SparsitySpec  # noqa: E402
+from sparse_deploy.machine import machine_info  # noqa: E402
+from sparse_deploy.prune import magnitude  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+VARIANTS = {
+    "dense": ExportConfig(encoding="dense"),
+    "coo": ExportConfig(encoding="coo"),
+    "packed": ExportConfig(encoding="packed"),
+    "int8": ExportConfig(encoding="dense", quantize="int8"),
+    "int8+packed": ExportConfig(encoding="packed", quantize="int8"),
+}
+_LOAD = """
+import sys, time
+def hwm():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+import onnxruntime as ort
+before = hwm()
+start = time.perf_counter()
+ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+print(time.perf_counter() - start, before, hwm())
+"""
+# The same, but the packed weights are decoded with numpy first (sparse_encoding.load_densified, which also moves
+# the other large initializers out of the proto) and handed over with SessionOptions.add_external_initializers
+# instead of being constant-folded by ONNX Runtime.
+_LOAD_DENSIFIED = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+def hwm():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+import onnx, onnxruntime as ort
+from sparse_deploy.export.sparse_encoding import load_densified
+before = hwm()
+start = time.perf_counter()
+dense = load_densified(sys.argv[1])
+options = ort.SessionOptions()
+values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in dense.weights.items()}
+options.add_external_initializers(list(values), list(values.values()))
+session = ort.InferenceSession(dense.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+print(time.perf_counter() - start, before, hwm())
+"""
+
+
+@dataclass(frozen=True)
+class ExportMeasure:
+    sparsity: str
+    variant: str
+    file_bytes: int
+    encoded_weights: int
+    encoded_dense_bytes: int
+    encoded_stored_bytes: int
+    load_s: float
+    import_rss_bytes: int
+    peak_rss_bytes: int
+    densified_load_s: float | None  # packed weights decoded by sparse_deploy (numpy) instead of ORT's folding
+    densified_peak_rss_bytes: int | None
+    rel_diff: float
+    top1_agreement: float | None
+    export_s: float
+
+
+def spec_of(text: str) -> SparsitySpec:
+    return SparsitySpec.pattern(text) if ":" in text else SparsitySpec.unstructured(float(text))
+
+
+def make_checkpoint(spec: SparsitySpec, folder: Path) -> Path:
+    """OPT-125m shape, random weights, decoder-block Linear weights magnitude-pruned to ``spec``."""
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig.from_pretrained(SHARED / "tokenizers" / "opt")).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(magnitude(module.weight, None, spec).weight)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "opt").save_pretrained(folder)
+    return folder
+
+
+def measure_load(path: Path, repeat: int, densified: bool = False) -> tuple[float, int, int]:
+    """Median (load seconds, RSS after the imports, peak RSS) over fresh processes."""
+    runs = []
+    for _ in range(repeat):
+        script = _LOAD_DENSIFIED if densified else _LOAD
+        out = subprocess.run([sys.executable, "-c", script, str(path), str(ROOT)], capture_output=True, text=True,
+                             check=True)
+        seconds, before, peak = out.stdout.split()
+        runs.append((float(seconds), int(before), int(peak)))
+    return tuple(statistics.median(col) for col in zip(*runs))  # type: ignore[return-value]
+
+
+def run(sparsities: list[str], repeat: int, work: Path) -> list[ExportMeasure]:
+    rows = []
+    for text in sparsities:
+        tag = text.replace(":", "of")
+        checkpoint = make_checkpoint(spec_of(text), work / f"checkpoint-{tag}")
+        for variant, config in VARIANTS.items():
+            out = work / f"onnx-{tag}-{variant.replace('+', '-')}"
+            report = export(checkpoint, out, config, force=True)
+            load_s, before, peak = measure_load(out / "model.onnx", repeat)
+            packed = "packed" in variant
+            dens_s, _, dens_peak = measure_load(out / "model.onnx", repeat, True) if packed else (None,) * 3
+            rows.append(ExportMeasure(
+                sparsity=text, variant=variant, file_bytes=report.model_bytes, encoded_weights=len(report.encoded),
+                encoded_dense_bytes=report.dense_bytes, encoded_stored_bytes=report.stored_bytes, load_s=load_s,
+                import_rss_bytes=before, peak_rss_bytes=peak,
+                densified_load_s=dens_s, densified_peak_rss_bytes=dens_peak,
+                rel_diff=report.parity.rel_diff,
+                top1_agreement=report.parity.top1_agreement, export_s=report.time_s,
+            ))
+            print(_line(rows[-1], rows), flush=True)
+    return rows
+
+
+def _line(row: ExportMeasure, rows: list[ExportMeasure]) -> str:
+    base = next(r for r in rows if r.sparsity == row.sparsity and r.variant == "dense")
+    stored = f"{row.encoded_stored_bytes / row.encoded_dense_bytes:.3f}" if row.encoded_dense_bytes else "-"
+    top1 = "-" if row.top1_agreement is None else f"{row.top1_agreement:.3f}"
+    dens = "- | -" if row.densified_load_s is None else (
+        f"{row.densified_load_s / base.load_s:.2f} | {row.densified_peak_rss_bytes / base.peak_rss_bytes:.2f}")
+    return (f"| {row.sparsity} | {row.variant} | {row.file_bytes / 1e6:.1f} | {row.file_bytes / base.file_bytes:.3f} | "
+            f"{stored} | {row.load_s:.2f} | {row.load_s / base.load_s:.2f} | {row.peak_rss_bytes / 1e6:.0f} | "
+            f"{row.peak_rss_bytes / base.peak_rss_bytes:.2f} | {dens} | {row.rel_diff:.1e} | {top1} |")
+
+
+HEADER = ("| sparsity | variant | file MB | file/dense | stored/dense (pruned weights) | load s | load/dense | "
+          "peak RSS MB | RSS/dense | numpy-decoded load/dense | numpy-decoded RSS/dense | rel. logit error | "
+          "top-1 agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", default="0.5,2:4,0.7")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and exports (default: temp)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    print(machine_info(("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime")).describe())
+    print(HEADER)
+    with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
+        rows = run(args.sparsities.split(","), args.repeat, args.work or Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

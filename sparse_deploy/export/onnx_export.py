@@ -1,0 +1,176 @@
+"""Reading a checkpoint folder and exporting it to ONNX with optimum-onnx.
+
+Decoders (``*ForCausalLM`` / ``*LMHeadModel``) are exported for ``text-generation-with-past`` (a single graph with
+``past_key_values.*`` inputs and ``present.*`` outputs); other architectures optimum knows for
+``feature-extraction`` (BERT-like encoders) give ``last_hidden_state``. optimum deduplicates tied weights when
+``accelerate`` is installed, so a tied LM head reads the embedding through a Transpose instead of a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from sparse_deploy.checkpoint import Manifest, read_manifest
+from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError
+from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
+
+DECODER_TASK = "text-generation-with-past"
+ENCODER_TASK = "feature-extraction"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A loaded checkpoint: the float32 torch model in eval mode and what the export needs to know about it."""
+
+    folder: Path
+    model: Any  # transformers.PreTrainedModel
+    task: str
+    model_type: str
+    architecture: str
+    manifest: Manifest | None
+
+    @property
+    def decoder(self) -> bool:
+        return self.task == DECODER_TASK
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the exporters' warnings and info logs (onnxruntime.quantization logs to the root logger) for the
+    duration; the levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "torch.onnx", None)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def choose_task(config: Any) -> str:
+    """text-generation-with-past for causal LMs, feature-extraction for encoders; UnsupportedModelError otherwise."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = config.model_type
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} has no ONNX export in optimum-onnx; export a supported architecture "
+            f"(OPT, GPT-2, Llama, BERT, ...)"
+        ) from None
+    architectures = tuple(config.architectures or ())
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if causal and DECODER_TASK in tasks:
+        return DECODER_TASK
+    if not getattr(config, "is_encoder_decoder", False) and not causal and ENCODER_TASK in tasks:
+        return ENCODER_TASK
+    raise UnsupportedModelError(
+        f"{model_type} ({', '.join(architectures) or 'no architecture'}) is neither a causal LM with a KV-cache "
+        f"export nor an encoder; sparse-deploy exports decoder-only and encoder-only models"
+    )
+
+
+def load_source(folder: str | Path) -> SourceModel:
+    """Load a checkpoint folder (a pruned checkpoint or any Hugging Face model folder) for export."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder; give a checkpoint folder written by prune or save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} is not a model folder: it has no config.json")
+    manifest = read_manifest(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{folder}/config.json names an architecture transformers does not know: "
+                                    f"{_first_line(exc)}") from exc
+    except (OSError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{folder}/config.json could not be read: {_first_line(exc)}") from exc
+    task = choose_task(config)
+    loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
+    try:
+        with quiet_libraries():
+            model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(f"the weights in {folder} could not be loaded: {_first_line(exc)}") from exc
+    model.eval()
+    model.config._name_or_path = str(folder)  # keeps optimum's preprocessor lookup local
+    architecture = (config.architectures or [type(model).__name__])[0]
+    return SourceModel(folder, model, task, config.model_type, architecture, manifest)
+
+
+def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> Path:
+    """Run optimum's exporter into ``folder`` (no validation: validate.py does it); returns model.onnx."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        raise ExportError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
+    try:
+        with quiet_libraries():
+            onnx_export_from_model(
+                source.model, folder, task=source.task, opset=opset, do_validation=False, device="cpu"
+            )
+    except Exception as exc:  # optimum and torch.onnx raise many types; report them as one
+        raise ExportError(f"the ONNX export of {source.architecture} failed: {_first_line(exc)}") from exc
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise ExportError(f"the exporter wrote no {MODEL_FILE} into {folder}")
+    return path
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def parameter_names(model: onnx.ModelProto, torch_model: Any) -> dict[str, str]:
+    """ONNX weight initializer → the torch parameter it holds ("name" or "name (transposed)"), matched by content:
+    exporters store Linear weights transposed and under generated names such as onnx::MatMul_123."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    wanted = {_digest(numpy_helper.to_array(inits[name]).tobytes()): name for name in weight_names(model)}
+    found: dict[str, str] = {}
+    for pname, param in torch_model.named_parameters():
+        if param.dim() != 2:
+            continue
+        W = param.detach().float()
+        for tensor, label in ((W, pname), (W.T, f"{pname} (transposed)")):
+            onnx_name = wanted.get(_digest(tensor.contiguous().numpy().tobytes()))
+            if onnx_name is not None and onnx_name not in found:
+                found[onnx_name] = label
+    return found
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
+    """Write ``model`` to ``path``; tensors go to ``<name>_data`` beside it when the file would pass 2 GB."""
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        data = path.with_name(path.name + "_data")
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return path, data
+    onnx.save_model(model, str(path))
+    return (path,)

@@ -13,9 +13,10 @@ its decoder blocks is magnitude-pruned, and it is exported through ``sparse_depl
 
 Each session is created ``--repeat`` times, each in a fresh Python process (ONNX Runtime, CPU provider, default
 options); load_s is the median time of creating the session, peak_rss_bytes the median of the process's
-high-water mark (VmHWM) after it, import_rss_bytes the same before it. For the packed variants the load is also
-measured with the packed weights decoded by numpy (``sparse_encoding.load_densified``) and handed to ONNX Runtime
-with ``SessionOptions.add_external_initializers`` instead of being constant-folded by it.
+high-water mark (VmHWM) after it, import_rss_bytes the same before it. That is a plain
+``onnxruntime.InferenceSession(model.onnx)``, which constant-folds the packed decode subgraphs. For the packed
+variants the load is also measured through sparse-deploy's runtime (``sparse_deploy.runtime.ExportedModel``), which
+decodes the packed weights with numpy into a temporary dense file (``sparse_encoding.write_dense``) and opens that.
 """
 
 from __future__ import annotations
@@ -56,24 +57,18 @@ start = time.perf_counter()
 ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 print(time.perf_counter() - start, before, hwm())
 """
-# The same, but the packed weights are decoded with numpy first (sparse_encoding.load_densified, which also moves
-# the other large initializers out of the proto) and handed over with SessionOptions.add_external_initializers
-# instead of being constant-folded by ONNX Runtime.
-_LOAD_DENSIFIED = """
+# The same through sparse-deploy's runtime, which opens packed exports by decoding the weights with numpy into a
+# temporary dense file (sparse_encoding.write_dense) instead of letting ONNX Runtime constant-fold them.
+_LOAD_STAGED = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 def hwm():
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
-import onnx, onnxruntime as ort
-from sparse_deploy.export.sparse_encoding import load_densified
+from sparse_deploy.runtime import ExportedModel
 before = hwm()
 start = time.perf_counter()
-dense = load_densified(sys.argv[1])
-options = ort.SessionOptions()
-values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in dense.weights.items()}
-options.add_external_initializers(list(values), list(values.values()))
-session = ort.InferenceSession(dense.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+ExportedModel(sys.argv[1].rsplit("/", 1)[0])
 print(time.perf_counter() - start, before, hwm())
 """
 
@@ -89,8 +84,8 @@ class ExportMeasure:
     load_s: float
     import_rss_bytes: int
     peak_rss_bytes: int
-    densified_load_s: float | None  # packed weights decoded by sparse_deploy (numpy) instead of ORT's folding
-    densified_peak_rss_bytes: int | None
+    runtime_load_s: float | None  # opened by sparse_deploy.runtime: numpy-decoded into a dense file, not folded
+    runtime_peak_rss_bytes: int | None
     rel_diff: float
     top1_agreement: float | None
     export_s: float
@@ -116,11 +111,11 @@ def make_checkpoint(spec: SparsitySpec, folder: Path) -> Path:
     return folder
 
 
-def measure_load(path: Path, repeat: int, densified: bool = False) -> tuple[float, int, int]:
+def measure_load(path: Path, repeat: int, staged: bool = False) -> tuple[float, int, int]:
     """Median (load seconds, RSS after the imports, peak RSS) over fresh processes."""
     runs = []
     for _ in range(repeat):
-        script = _LOAD_DENSIFIED if densified else _LOAD
+        script = _LOAD_STAGED if staged else _LOAD
         out = subprocess.run([sys.executable, "-c", script, str(path), str(ROOT)], capture_output=True, text=True,
                              check=True)
         seconds, before, peak = out.stdout.split()
@@ -138,12 +133,12 @@ def run(sparsities: list[str], repeat: int, work: Path) -> list[ExportMeasure]:
             report = export(checkpoint, out, config, force=True)
             load_s, before, peak = measure_load(out / "model.onnx", repeat)
             packed = "packed" in variant
-            dens_s, _, dens_peak = measure_load(out / "model.onnx", repeat, True) if packed else (None,) * 3
+            rt_s, _, rt_peak = measure_load(out / "model.onnx", repeat, staged=True) if packed else (None,) * 3
             rows.append(ExportMeasure(
                 sparsity=text, variant=variant, file_bytes=report.model_bytes, encoded_weights=len(report.encoded),
                 encoded_dense_bytes=report.dense_bytes, encoded_stored_bytes=report.stored_bytes, load_s=load_s,
                 import_rss_bytes=before, peak_rss_bytes=peak,
-                densified_load_s=dens_s, densified_peak_rss_bytes=dens_peak,
+                runtime_load_s=rt_s, runtime_peak_rss_bytes=rt_peak,
                 rel_diff=report.parity.rel_diff,
                 top1_agreement=report.parity.top1_agreement, export_s=report.time_s,
             ))
@@ -155,15 +150,15 @@ def _line(row: ExportMeasure, rows: list[ExportMeasure]) -> str:
     base = next(r for r in rows if r.sparsity == row.sparsity and r.variant == "dense")
     stored = f"{row.encoded_stored_bytes / row.encoded_dense_bytes:.3f}" if row.encoded_dense_bytes else "-"
     top1 = "-" if row.top1_agreement is None else f"{row.top1_agreement:.3f}"
-    dens = "- | -" if row.densified_load_s is None else (
-        f"{row.densified_load_s / base.load_s:.2f} | {row.densified_peak_rss_bytes / base.peak_rss_bytes:.2f}")
+    staged = "- | -" if row.runtime_load_s is None else (
+        f"{row.runtime_load_s / base.load_s:.2f} | {row.runtime_peak_rss_bytes / base.peak_rss_bytes:.2f}")
     return (f"| {row.sparsity} | {row.variant} | {row.file_bytes / 1e6:.1f} | {row.file_bytes / base.file_bytes:.3f} | "
             f"{stored} | {row.load_s:.2f} | {row.load_s / base.load_s:.2f} | {row.peak_rss_bytes / 1e6:.0f} | "
-            f"{row.peak_rss_bytes / base.peak_rss_bytes:.2f} | {dens} | {row.rel_diff:.1e} | {top1} |")
+            f"{row.peak_rss_bytes / base.peak_rss_bytes:.2f} | {staged} | {row.rel_diff:.1e} | {top1} |")
 
 
 HEADER = ("| sparsity | variant | file MB | file/dense | stored/dense (pruned weights) | load s | load/dense | "
-          "peak RSS MB | RSS/dense | numpy-decoded load/dense | numpy-decoded RSS/dense | rel. logit error | "
+          "peak RSS MB | RSS/dense | runtime load/dense | runtime RSS/dense | rel. logit error | "
           "top-1 agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

@@ -14,19 +14,15 @@ from tiny_models import make_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_deploy.api import evaluate
-from sparse_deploy.config import EvalConfig
+from sparse_deploy.config import CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, SolverConfig
+from sparse_deploy.export import export
 from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
-from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed, generate
+from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed, generate
 from sparse_deploy.runtime.bench import BenchConfig, benchmark
 
 
-def export_folder(source, out):
-    """A dense export of a checkpoint folder (decoders with the KV cache)."""
-    from optimum.exporters.onnx import main_export
-
-    task = "feature-extraction" if (source / "vocab.txt").exists() else "text-generation-with-past"
-    main_export(str(source), output=str(out), task=task)
-    return out
+def export_folder(source, out, encoding="dense"):
+    return export(source, out, ExportConfig(encoding=encoding)).output
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +117,21 @@ def test_bad_runtime_input(tiny, tmp_path):
     long_prompt = np.ones((1, 120), dtype=np.int64)
     with pytest.raises(InvalidInputError, match="beyond the model's context of 128"):
         DecoderRunner(ExportedModel(onnx_dir)).greedy(long_prompt, 20)
+
+
+def test_packed_export_runs_like_the_dense_one(tiny, tmp_path, calib_text):
+    """A pruned model exported packed: the runtime's staged load and ONNX Runtime's own folding both give the
+    dense export's greedy tokens, and the packed file is smaller."""
+    from sparse_deploy.api import prune
+
+    source, _ = tiny("opt")
+    config = PruneConfig(calibration=CalibrationConfig(str(calib_text), 4, 32), solver=SolverConfig(device="cpu"))
+    pruned = prune(source, tmp_path / "pruned", config, progress=False).output
+    dense = ExportedModel(export_folder(pruned, tmp_path / "dense"))
+    packed_dir = export_folder(pruned, tmp_path / "packed", encoding="packed")
+    ids = np.arange(5, 15, dtype=np.int64)[None, :]
+    expected = DecoderRunner(dense).greedy(ids, 8, stop_at_eos=False)
+    for mode in ("stage", "fold"):
+        packed = ExportedModel(packed_dir, SessionConfig(packed=mode))
+        assert DecoderRunner(packed).greedy(ids, 8, stop_at_eos=False).tolist() == expected.tolist(), mode
+    assert packed.file_bytes < dense.file_bytes

@@ -12,8 +12,9 @@ ops were chosen by measurement: a 256-entry lookup table instead of BitShift/Bit
 of Gather (9x faster for element-wise lookups in ONNX Runtime 1.31), int32 index arithmetic. Row chunks keep every
 folded tensor below ONNX Runtime's 1 GB constant-folding limit. ONNX Runtime keeps every folded intermediate until
 its folding pass ends, so the decode holds about 22 bytes per weight at its peak whatever the chunk size.
-``densify`` / ``load_densified`` decode the packed weights with numpy instead, for loaders that hand them to ONNX
-Runtime themselves (``SessionOptions.add_external_initializers``).
+``write_dense`` decodes the packed weights with numpy instead, one at a time, into a dense model file that ONNX
+Runtime loads like any dense export (the runtime's default way to open packed exports); ``densify`` does the same
+in memory.
 
 ``coo``: ONNX's ``sparse_initializer`` (linear INT64 indices, as the checker demands; ONNX Runtime densifies
 it at load). ``dense``: the initializer as exported.
@@ -160,13 +161,15 @@ def pack(weight: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> list[tup
 def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
     """The numpy reference of the decode subgraph: the dense weight [R, C] from ``pack``'s chunks."""
     rows, cols = shape
-    chunks, done = [], 0
+    values0 = parts[0][1]
+    out = np.zeros(rows * cols, dtype=values0.dtype)
+    done = 0
     for k, (bits, values) in enumerate(parts):
         n = rows * cols - done if k == len(parts) - 1 else bits.size * 8  # all but the last chunk fill whole bytes
-        mask = np.unpackbits(bits, count=n, bitorder="little").astype(np.int32)  # [n]
-        chunks.append(values[np.cumsum(mask, dtype=np.int32) * mask])  # 1-based rank, 0 → the leading zero
+        mask = np.unpackbits(bits, count=n, bitorder="little").view(bool)  # [n]
+        out[done : done + n][mask] = values[1:]  # the nonzeros in row-major order, after the leading zero
         done += n
-    return np.concatenate(chunks).reshape(rows, cols)
+    return out.reshape(rows, cols)
 
 
 def read_packed(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -185,15 +188,13 @@ def read_packed(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 PLACEHOLDER_LOCATION = "sparse_deploy-decoded-in-memory"
+DENSE_DATA_FILE = "weights.bin"
 
 
 @dataclass(frozen=True)
 class Densified:
     """A packed model with its decode subgraphs taken out: each packed weight is an external-data placeholder in
-    ``model`` and its decoded array is in ``weights``. Hand both to ONNX Runtime with
-    ``SessionOptions.add_external_initializers(names, [OrtValue.ortvalue_from_numpy(a) ...])`` and
-    ``InferenceSession(model.SerializeToString(), options)``: it copies the arrays in instead of folding the decode
-    subgraph, which is faster and holds far less memory while the session is created."""
+    ``model`` and its decoded array is in ``weights`` (for tests and tools that want the arrays in memory)."""
 
     model: onnx.ModelProto
     weights: dict[str, np.ndarray]
@@ -209,41 +210,67 @@ def densify(model: onnx.ModelProto, *, min_bytes: int | None = None) -> Densifie
     least that many bytes moves to ``weights`` too, so the model proto shrinks to the graph."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return _densify_in_place(out, min_bytes)
+    weights: dict[str, np.ndarray] = {}
+
+    def keep(name: str, array: np.ndarray) -> TensorProto:
+        weights[name] = array
+        return _external(name, array, PLACEHOLDER_LOCATION, 0)
+
+    _strip_decoders(out, min_bytes, keep)
+    return Densified(out, weights)
 
 
-def load_densified(path: str | Path, *, min_bytes: int | None = 1 << 16) -> Densified:
-    """``densify`` of the model file at ``path``, without a second in-memory copy of it."""
-    return _densify_in_place(onnx.load(str(path)), min_bytes)
+def write_dense(path: str | Path, folder: str | Path, *, min_bytes: int = 1 << 16) -> Path:
+    """Decode a packed model file with numpy into a dense model in ``folder``: ``model.onnx`` (the graph) and
+    ``weights.bin`` (every initializer of ``min_bytes`` or more, 64-byte aligned). Weights are decoded and written
+    one at a time, so the memory held is the packed model plus one weight. ONNX Runtime then loads the dense file
+    as it loads any dense export: this is how ``sparse_deploy.runtime`` opens packed exports by default, since
+    ONNX Runtime's own constant folding of the decode subgraphs holds every intermediate until it ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(path))
+    with open(folder / DENSE_DATA_FILE, "wb") as fh:
+
+        def write(name: str, array: np.ndarray) -> TensorProto:
+            offset = fh.tell()
+            padding = (-offset) % 64
+            fh.write(b"\0" * padding)
+            fh.write(np.ascontiguousarray(array).data)
+            return _external(name, array, DENSE_DATA_FILE, offset + padding)
+
+        _strip_decoders(model, min_bytes, write)
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder / "model.onnx"
 
 
-def _densify_in_place(model: onnx.ModelProto, min_bytes: int | None) -> Densified:
+def _external(name: str, array: np.ndarray, location: str, offset: int) -> TensorProto:
+    tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def _strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
+    """In place: remove the decode subgraphs; each packed weight is decoded with numpy and handed to
+    ``put(name, array) -> TensorProto``, which returns the initializer that takes its place. With ``min_bytes``,
+    every other in-proto initializer of at least that many bytes goes through ``put`` as well."""
     names = packed_names(model)
-    weights = {name: read_packed(model, name) for name in names}
     prefixes = tuple(f"{name}.packed." for name in names) + (f"{_SHARED}.",)
     decode = {node.output[0] for node in model.graph.node if node.output[0].startswith(prefixes)} | set(names)
     nodes = [node for node in model.graph.node if node.output[0] not in decode]
-    kept = []
+    kept = [put(name, read_packed(model, name)) for name in names]
     for init in model.graph.initializer:
         if init.name.startswith(prefixes):
             continue
         if min_bytes is not None and init.data_location != TensorProto.EXTERNAL and _tensor_bytes(init) >= min_bytes:
-            weights[init.name] = numpy_helper.to_array(init)
-            continue
-        kept.append(init)
-    for name, array in weights.items():
-        if name in names or min_bytes is not None:
-            dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-            placeholder = TensorProto(name=name, dims=array.shape, data_type=dtype)
-            placeholder.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", PLACEHOLDER_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
-                placeholder.external_data.add(key=key, value=value)
-            kept.append(placeholder)
+            kept.append(put(init.name, numpy_helper.to_array(init)))
+        else:
+            kept.append(init)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    return Densified(model, weights)
 
 
 def _lut() -> np.ndarray:

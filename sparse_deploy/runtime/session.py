@@ -41,17 +41,22 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 @dataclass(frozen=True)
 class SessionConfig:
     """``threads``: intra-op threads (None: ONNX Runtime's default, one per core). ``providers``: execution
-    providers in order of preference."""
+    providers in order of preference. ``packed``: how packed-sparse exports are opened: ``stage`` decodes the
+    weights with numpy into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
+    Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory)."""
 
     threads: int | None = None
     optimization: Optimization = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    packed: Literal["stage", "fold"] = "stage"
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.optimization not in _LEVELS:
             raise ConfigError(f"optimization must be one of {', '.join(_LEVELS)}, got {self.optimization!r}")
+        if self.packed not in ("stage", "fold"):
+            raise ConfigError(f"packed must be stage or fold, got {self.packed!r}")
         unknown = set(self.providers) - set(ort.get_available_providers())
         if unknown:
             raise ConfigError(f"execution providers {sorted(unknown)} are not available; "
@@ -99,9 +104,12 @@ class ExportedModel:
         if not onnx_file.exists():
             raise RuntimeSessionError(f"{self.folder} holds no model.onnx; run `sparse-deploy export` first")
         self.config = config
-        self.session = open_session(onnx_file, config)
         self.hf_config = _read_json(self.folder / "config.json")
         self.export_info = _read_json(self.folder / "export.json")
+        if config.packed == "stage" and self.export_info.get("settings", {}).get("encoding") in ("packed", "auto"):
+            self.session = _open_staged(onnx_file, config)
+        else:
+            self.session = open_session(onnx_file, config)
         self.info = _inspect(self.session, self.hf_config)
         self._tokenizer = None
 
@@ -123,6 +131,25 @@ class ExportedModel:
 
     def input_names(self) -> set[str]:
         return {i.name for i in self.session.get_inputs()}
+
+
+def _open_staged(onnx_file: Path, config: SessionConfig) -> ort.InferenceSession:
+    """Decode a packed export into a temporary dense file, open a session on it, and remove the file (the session
+    holds its own copy of the weights once created)."""
+    import shutil
+    import tempfile
+
+    from sparse_deploy.export.sparse_encoding import write_dense
+
+    staging = Path(tempfile.mkdtemp(prefix="sparse-deploy-dense-"))
+    try:
+        try:
+            dense = write_dense(onnx_file, staging)
+        except (OSError, ValueError) as exc:
+            raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
+        return open_session(dense, config)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_tokenizer(folder: Path):

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) benchmarks/bench_solver.py --shapes 768x768,3072x768
+	$(PY) scripts/demo.py
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,198 @@
+"""The CPU matrix-vector kernels: every format and value type against the dense product, exact round trips,
+the layout each format documents, and rejected input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparse_deploy.errors import InvalidInputError, SparseDeployError
+from sparse_deploy.kernels import (FORMATS, VALUE_TYPES, BitmaskMatrix, CSRMatrix, NMMatrix, decode, encode,
+                                   encode_bitmask, encode_csr, encode_nm, gemv, quantize)
+from sparse_deploy.kernels._simd import lane_columns
+from sparse_deploy.kernels.formats import STORAGE, aligned_zeros
+
+# rows x cols: one row, ragged rows, fewer than 64 columns, ragged columns, exact multiples of 64
+SHAPES = [(1, 4), (3, 60), (37, 64), (64, 200), (130, 260), (17, 1028)]
+
+
+def pruned(rows: int, cols: int, fmt: str, seed: int, sparsity: float = 0.5) -> np.ndarray:
+    """A random float32 weight pruned to 2:4 (format "2:4") or to `sparsity` unstructured."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt == "2:4":
+        groups = W.reshape(rows, -1, 4)
+        np.put_along_axis(groups, np.argsort(np.abs(groups), axis=2)[:, :, :2], 0, axis=2)
+    else:
+        W[rng.random(W.shape) < sparsity] = 0
+    return W
+
+
+def assert_product(M, W_used: np.ndarray, x: np.ndarray) -> None:
+    """gemv equals the float64 product with the matrix the kernel uses, within float32 summation error."""
+    y = gemv(M, x)
+    ref = x.astype(np.float64) @ W_used.T.astype(np.float64)
+    bound = np.abs(x).astype(np.float64) @ np.abs(W_used).T.astype(np.float64)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    np.testing.assert_array_less(np.abs(y - ref), 4e-6 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", VALUE_TYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_equals_dense_product(fmt, dtype):
+    for i, (rows, cols) in enumerate(SHAPES):
+        W = pruned(rows, cols, fmt, seed=i)
+        M = encode(W, fmt, dtype)
+        W_used = decode(M)
+        rng = np.random.default_rng(100 + i)
+        for batch in range(1, 9):
+            assert_product(M, W_used, rng.standard_normal((batch, cols)).astype(np.float32))
+        assert_product(M, W_used, rng.standard_normal(cols).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "dense"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95, 1.0])
+def test_kernel_at_any_density(fmt, sparsity):
+    W = pruned(50, 333, fmt, seed=7, sparsity=sparsity)
+    M = encode(W, fmt, "fp32")
+    x = np.random.default_rng(8).standard_normal((4, 333)).astype(np.float32)
+    assert_product(M, W, x)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fp32_round_trip_is_exact(fmt):
+    for i, (rows, cols) in enumerate(SHAPES):
+        W = pruned(rows, cols, fmt, seed=i)
+        np.testing.assert_array_equal(decode(encode(W, fmt, "fp32")), W)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_round_trip_is_exact_for_bf16_values(fmt):
+    W = pruned(33, 200, fmt, seed=3)
+    W = (W.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # representable in bf16
+    np.testing.assert_array_equal(decode(encode(W, fmt, "bf16")), W)
+
+
+def test_bf16_rounds_to_nearest_even():
+    W = np.array([[1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-9), 3.0]], np.float32)
+    stored, _ = quantize(W, "bf16")
+    # 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even one (1.0)
+    np.testing.assert_array_equal(decode(encode(W, "dense", "bf16")), [[1.0, 1.0 + 2.0**-6, -1.0, 3.0]])
+    assert stored.dtype == np.uint16
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_round_trip(fmt):
+    W = pruned(40, 260, fmt, seed=5)
+    W[3] = 0  # an all-zero row keeps scale 0
+    M = encode(W, fmt, "int8")
+    once = decode(M)
+    assert np.all(np.abs(once - W) <= M.scales[:, None] / 2 * 1.0001)
+    np.testing.assert_array_equal(decode(encode(once, fmt, "int8")), once)
+    assert M.scales.shape == (40,) and M.scales[3] == 0
+
+
+def test_bitmask_layout():
+    W = np.zeros((2, 130), np.float32)
+    W[0, [0, 63, 64, 129]] = [1, 2, 3, 4]
+    W[1, 5] = 5
+    M = encode_bitmask(W)
+    assert isinstance(M, BitmaskMatrix) and M.masks.dtype == np.uint64 and M.masks.shape == (2, 3)
+    assert M.masks[0].tolist() == [1 | 1 << 63, 1, 2] and M.masks[1].tolist() == [1 << 5, 0, 0]
+    assert M.row_start.tolist() == [0, 4, 5]
+    np.testing.assert_array_equal(M.values[:5], [1, 2, 3, 4, 5])
+
+
+def test_nm_layout():
+    W = np.zeros((1, 8), np.float32)
+    W[0, [1, 3, 4]] = [10, 30, 40]  # group 0 keeps columns 1, 3; group 1 keeps 4 and (zero) 5
+    M = encode_nm(W)
+    assert isinstance(M, NMMatrix) and M.meta.dtype == np.uint32
+    assert M.meta[0, 0] & 0xFF == (1 | 3 << 2) | (0 | 1 << 2) << 4  # padding groups hold (0, 1) too
+    np.testing.assert_array_equal(M.values[:4], [10, 30, 40, 0])
+
+
+def test_csr_layout_and_size():
+    W = pruned(64, 4096, "csr", seed=1)
+    M = encode_csr(W)
+    assert isinstance(M, CSRMatrix) and M.indices.dtype == np.uint16
+    nnz = int(np.count_nonzero(W))
+    assert M.row_start[-1] == nnz
+    # 6 bytes per nonzero (fp32 value + uint16 index) plus row starts and padding
+    assert 6 * nnz <= M.nbytes <= 6 * nnz + 8 * 65 + 6 * 64
+
+
+@pytest.mark.parametrize("dtype, bytes_per_weight", [("fp32", 2.125), ("bf16", 1.125), ("int8", 0.625)])
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4"])
+def test_half_sparse_formats_read_the_expected_bytes(fmt, dtype, bytes_per_weight):
+    W = pruned(256, 4096, fmt, seed=2)
+    per_weight = encode(W, fmt, dtype).nbytes / W.size
+    # int8 rounds a few tiny weights to 0, which are then not stored
+    assert bytes_per_weight * 0.97 <= per_weight <= bytes_per_weight * 1.02
+
+
+def test_lane_columns_are_permutations():
+    for dtype in STORAGE.values():
+        assert sorted(lane_columns(dtype).tolist()) == list(range(64))
+
+
+def test_aligned_zeros_is_aligned():
+    for n in (1, 17, 4096):
+        a = aligned_zeros((3, n), np.float32)
+        assert a.ctypes.data % 64 == 0 and a.shape == (3, n) and not a.any()
+
+
+def test_gemv_writes_out_and_keeps_x():
+    W = pruned(20, 100, "bitmask", seed=4)
+    M = encode_bitmask(W)
+    x = np.random.default_rng(0).standard_normal((2, 100)).astype(np.float32)
+    x_before = x.copy()
+    out = np.full((2, 20), np.nan, np.float32)
+    assert gemv(M, x, out=out) is out
+    np.testing.assert_allclose(out, x @ W.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(x, x_before)
+    assert gemv(M, x[0]).shape == (20,)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_rejects_wrong_x(fmt):
+    M = encode(pruned(8, 64, fmt, seed=0), fmt, "fp32")
+    bad = [np.zeros(63, np.float32), np.zeros((2, 65), np.float32), np.zeros((1, 2, 64), np.float32),
+           np.zeros((0, 64), np.float32), np.zeros(64, np.float64), [0.0] * 64]
+    for x in bad:
+        with pytest.raises(InvalidInputError):
+            gemv(M, x)
+    for out in (np.zeros((1, 8), np.float32), np.zeros(8, np.float64), np.zeros(16, np.float32)[::2]):
+        with pytest.raises(InvalidInputError, match="out must be"):
+            gemv(M, np.zeros(64, np.float32), out=out)
+    with pytest.raises(InvalidInputError):
+        gemv(np.zeros((8, 64), np.float32), np.zeros(64, np.float32))
+
+
+def test_encoders_reject_bad_weights():
+    good = pruned(4, 16, "2:4", seed=0)
+    cases = [
+        (lambda: encode(np.zeros(16, np.float32), "bitmask"), "2-D"),
+        (lambda: encode(np.zeros((4, 0), np.float32), "bitmask"), "2-D"),
+        (lambda: encode(np.ones((4, 16), np.int32), "bitmask"), "floating point"),
+        (lambda: encode(np.full((4, 16), np.nan, np.float32), "csr"), "NaN"),
+        (lambda: encode(good, "bitmask", "fp16"), "value type"),
+        (lambda: encode(good, "blocked"), "format"),
+        (lambda: encode_nm(np.ones((4, 16), np.float32)), "not 2:4 sparse: row 0, columns 0..3"),
+        (lambda: encode_nm(np.zeros((4, 18), np.float32)), "multiple of 4"),
+        (lambda: encode_csr(np.zeros((1, 65537), np.float32)), "uint16"),
+        (lambda: encode(np.full((1, 4), 3.4e38, np.float32), "dense", "bf16"), "bf16 range"),
+    ]
+    for make, message in cases:
+        with pytest.raises(InvalidInputError, match=message) as info:
+            make()
+        assert isinstance(info.value, (SparseDeployError, ValueError))
+
+
+def test_kernels_do_not_import_torch():
+    code = "import sys, sparse_deploy.kernels; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(__import__("pathlib").Path(__file__).parents[1]),
+                          timeout=120).returncode == 0

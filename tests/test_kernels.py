@@ -99,20 +99,33 @@ def test_bitmask_layout():
     W = np.zeros((2, 130), np.float32)
     W[0, [0, 63, 64, 129]] = [1, 2, 3, 4]
     W[1, 5] = 5
-    M = encode_bitmask(W)
-    assert isinstance(M, BitmaskMatrix) and M.masks.dtype == np.uint64 and M.masks.shape == (2, 3)
-    assert M.masks[0].tolist() == [1 | 1 << 63, 1, 2] and M.masks[1].tolist() == [1 << 5, 0, 0]
-    assert M.row_start.tolist() == [0, 4, 5]
-    np.testing.assert_array_equal(M.values[:5], [1, 2, 3, 4, 5])
+    M = encode_bitmask(W, block_cols=128)  # blocks: columns 0..127 (two words a row), 128..191 (one word)
+    assert isinstance(M, BitmaskMatrix) and M.masks.dtype == np.uint64 and M.blocks == 2
+    assert M.masks.tolist() == [1 | 1 << 63, 1, 1 << 5, 0, 2, 0]  # block 0: row 0, row 1; block 1: row 0, row 1
+    assert M.row_start.tolist() == [[0, 3, 4], [4, 5, 5]]
+    np.testing.assert_array_equal(M.values[:5], [1, 2, 3, 5, 4])
 
 
 def test_nm_layout():
-    W = np.zeros((1, 8), np.float32)
+    W = np.zeros((2, 72), np.float32)
     W[0, [1, 3, 4]] = [10, 30, 40]  # group 0 keeps columns 1, 3; group 1 keeps 4 and (zero) 5
-    M = encode_nm(W)
-    assert isinstance(M, NMMatrix) and M.meta.dtype == np.uint32
-    assert M.meta[0, 0] & 0xFF == (1 | 3 << 2) | (0 | 1 << 2) << 4  # padding groups hold (0, 1) too
+    W[1, [64, 67]] = [64, 67]  # in the second block
+    M = encode_nm(W, block_cols=64)
+    assert isinstance(M, NMMatrix) and M.meta.dtype == np.uint32 and M.meta.shape == (8,)
+    assert M.meta[0] & 0xFF == (1 | 3 << 2) | (0 | 1 << 2) << 4  # padding groups hold (0, 1) too
+    assert M.meta[6] & 0xF == 0 | 3 << 2  # block 1, row 1, first word
     np.testing.assert_array_equal(M.values[:4], [10, 30, 40, 0])
+    assert M.row_start.tolist() == [[0, 32, 64], [64, 96, 128]]
+    assert M.values[96] == 64 and M.values[97] == 67
+
+
+@pytest.mark.parametrize("block_cols", [64, 192, 1024, 4096])
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "2:4"])
+def test_any_block_width(fmt, block_cols):
+    W = pruned(45, 1000, fmt, seed=9)
+    M = encode(W, fmt, "bf16", block_cols=block_cols)
+    assert M.blocks == -(-1024 // block_cols)
+    assert_product(M, decode(M), np.random.default_rng(1).standard_normal((5, 1000)).astype(np.float32))
 
 
 def test_csr_layout_and_size():
@@ -120,7 +133,7 @@ def test_csr_layout_and_size():
     M = encode_csr(W)
     assert isinstance(M, CSRMatrix) and M.indices.dtype == np.uint16
     nnz = int(np.count_nonzero(W))
-    assert M.row_start[-1] == nnz
+    assert M.row_start.shape == (1, 65) and M.row_start[0, -1] == nnz
     # 6 bytes per nonzero (fp32 value + uint16 index) plus row starts and padding
     assert 6 * nnz <= M.nbytes <= 6 * nnz + 8 * 65 + 6 * 64
 
@@ -181,6 +194,7 @@ def test_encoders_reject_bad_weights():
         (lambda: encode(np.full((4, 16), np.nan, np.float32), "csr"), "NaN"),
         (lambda: encode(good, "bitmask", "fp16"), "value type"),
         (lambda: encode(good, "blocked"), "format"),
+        (lambda: encode(good, "bitmask", block_cols=100), "multiple of 64"),
         (lambda: encode_nm(np.ones((4, 16), np.float32)), "not 2:4 sparse: row 0, columns 0..3"),
         (lambda: encode_nm(np.zeros((4, 18), np.float32)), "multiple of 4"),
         (lambda: encode_csr(np.zeros((1, 65537), np.float32)), "uint16"),

@@ -1,10 +1,11 @@
-"""The numba kernels: y [batch, rows] = x [batch, width] · Wᵀ over encoded weight rows.
+"""The numba kernels: y [batch, rows] = x [batch, cols] · Wᵀ over encoded weight rows.
 
-Threads take whole rows (``prange``). A thread streams a row's packed values and mask once per tile of up to
-four batch rows; the first batch row of a tile keeps four accumulators (one FMA chain per decoded vector, so
-the 4-cycle FMA latency never limits batch 1), the others two each. Software prefetch runs ``ahead`` values
-in front of the decode: on the 2-vCPU VMs this project measures on, the hardware prefetcher alone left a
-single core at ~8 GB/s, and a 16 KiB lead raised it to ~17 GB/s.
+Each thread owns a contiguous range of rows and walks the column blocks in order, so per block it streams one
+contiguous range of packed values while that block's slice of x sits in L1. Inside a block, a row is decoded
+once per tile of up to four batch rows; the first batch row of a tile keeps four accumulators (one FMA chain
+per decoded vector, so the 4-cycle FMA latency never limits batch 1), the others two each. Software prefetch
+runs ``ahead`` values in front of the decode: on the 2-vCPU VMs this project measures on, the hardware
+prefetcher alone left one core at ~8 GB/s, and a 16 KiB lead raised it to ~17 GB/s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,28 @@ from sparse_deploy.kernels._simd import (CHUNK, LANES, decode_chunk, prefetch, v
 TILE = 4  # batch rows per pass over a weight row
 
 
+@numba.njit(cache=True, nogil=True)
+def lane_copy(x, lanes, width):  # pragma: no cover - compiled
+    """x [batch, cols] -> float32 [batch, width], 64-byte aligned and zero padded, with column lanes[i] of each
+    64-column chunk at position i (lanes is None: column order)."""
+    batch, cols = x.shape
+    buf = np.zeros(batch * width + LANES, np.float32)
+    skip = (-buf.ctypes.data % 64) // 4  # numba's allocations are aligned already; this keeps it so
+    out = buf[skip : skip + batch * width].reshape((batch, width))
+    if lanes is None:
+        out[:, :cols] = x
+        return out
+    full = cols // CHUNK * CHUNK
+    for b in range(batch):
+        for c in range(0, full, CHUNK):
+            for i in range(CHUNK):
+                out[b, c + i] = x[b, c + lanes[i]]
+        for i in range(CHUNK if full < width else 0):  # the ragged last chunk
+            if full + lanes[i] < cols:
+                out[b, full + i] = x[b, full + lanes[i]]
+    return out
+
+
 @numba.njit(inline="always")
 def _fma_pair(v0, v1, v2, v3, x, k, even, odd):  # pragma: no cover - compiled
     """even/odd += the chunk's four products with x.ravel()[k : k + 64] (two FMA chains)."""
@@ -27,75 +50,98 @@ def _fma_pair(v0, v1, v2, v3, x, k, even, odd):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _store(y, t, r, n, scale, s0, s1, s2, s3):  # pragma: no cover - compiled
-    """y[t + i, r] = scale · s_i for the n batch rows of a tile."""
-    y[t, r] = scale * s0
+def _add(y, t, r, n, scale, s0, s1, s2, s3):  # pragma: no cover - compiled
+    """y[t + i, r] += scale · s_i for the n batch rows of a tile."""
+    y[t, r] += scale * s0
     if n > 1:
-        y[t + 1, r] = scale * s1
+        y[t + 1, r] += scale * s1
     if n > 2:
-        y[t + 2, r] = scale * s2
+        y[t + 2, r] += scale * s2
     if n > 3:
-        y[t + 3, r] = scale * s3
+        y[t + 3, r] += scale * s3
+
+
+@numba.njit(inline="always")
+def _row_range(g, groups, rows):  # pragma: no cover - compiled
+    """Rows [r0, r1) of thread group g."""
+    return g * rows // groups, (g + 1) * rows // groups
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def chunked_gemv(values, row_start, aux, aux_bits, scales, x, y, ahead):  # pragma: no cover - compiled
+def chunked_gemv(values, row_start, aux, aux_bits, scales, x_in, lanes, width, block_chunks, y, ahead,
+                 groups):  # pragma: no cover - compiled
     """Dense, bitmask and 2:4 rows (the format follows aux's dtype, see decode_chunk).
 
-    values: packed values; row_start int64 [rows + 1]; aux: masks uint64 [rows, width/64], 2:4 meta uint32
-    [rows, width/32] or an empty bool array (dense); aux_bits: the same array again; scales float32 [rows] or
-    empty; x float32 [batch, width] in lane_columns order, zero padded; y float32 [batch, rows] (written)."""
-    batch, width = x.shape
+    values: packed values; row_start int64 [blocks, rows + 1]; aux: the masks (uint64) or 2:4 metadata
+    (uint32), 1-D, or an empty bool array (dense); aux_bits: the same array again; scales float32 [rows] or
+    empty; x_in float32 [batch, cols]; lanes: lane_columns of the value type, or None for column order; width:
+    cols padded to a multiple of 64; block_chunks: block_cols / 64; y float32 [batch, rows] (written); ahead:
+    prefetch distance in values; groups: how many row ranges to split the rows into (one per thread)."""
+    x = lane_copy(x_in, lanes, width)
+    batch = x.shape[0]
+    rows = y.shape[1]
     chunks = width // CHUNK
-    for r in numba.prange(y.shape[1]):
-        scale = scales[r] if scales.size else np.float32(1.0)
-        for t in range(0, batch, TILE):
-            n = min(TILE, batch - t)
-            z = vzero()
-            a0, a1, a2, a3, b0, b1, c0, c1, d0, d1 = z, z, z, z, z, z, z, z, z, z
-            p = row_start[r]
-            for c in range(chunks):
-                prefetch(values, p + ahead)
-                (v0, v1, v2, v3), p = decode_chunk(values, p, aux, aux_bits, r * chunks + c)
-                k = t * width + c * CHUNK  # y[t, r] += Σ_j x[t, j] W[r, j] over the chunk's 64 columns j
-                a0 = vfma(v0, vload(x, k), a0)
-                a1 = vfma(v1, vload(x, k + 16), a1)
-                a2 = vfma(v2, vload(x, k + 32), a2)
-                a3 = vfma(v3, vload(x, k + 48), a3)
-                if n > 1:
-                    b0, b1 = _fma_pair(v0, v1, v2, v3, x, k + width, b0, b1)
-                if n > 2:
-                    c0, c1 = _fma_pair(v0, v1, v2, v3, x, k + 2 * width, c0, c1)
-                if n > 3:
-                    d0, d1 = _fma_pair(v0, v1, v2, v3, x, k + 3 * width, d0, d1)
-            _store(y, t, r, n, scale, vsum(vadd(vadd(a0, a1), vadd(a2, a3))), vsum(vadd(b0, b1)),
-                   vsum(vadd(c0, c1)), vsum(vadd(d0, d1)))
+    for g in numba.prange(groups):
+        r0, r1 = _row_range(g, groups, rows)
+        y[:, r0:r1] = 0.0
+        for k in range(row_start.shape[0]):
+            c0 = k * block_chunks
+            n_chunks = min(block_chunks, chunks - c0)
+            first_word = rows * c0  # mask word of (block k, row 0, chunk 0)
+            for r in range(r0, r1):
+                scale = scales[r] if scales.size else np.float32(1.0)
+                for t in range(0, batch, TILE):
+                    n = min(TILE, batch - t)
+                    z = vzero()
+                    a0, a1, a2, a3, b0, b1, c0_, c1, d0, d1 = z, z, z, z, z, z, z, z, z, z
+                    p = row_start[k, r]
+                    word = first_word + r * n_chunks
+                    for c in range(n_chunks):
+                        prefetch(values, p + ahead)
+                        (v0, v1, v2, v3), p = decode_chunk(values, p, aux, aux_bits, word + c)
+                        j = t * width + (c0 + c) * CHUNK  # y[t, r] += Σ x[t, j'] W[r, j'] over the chunk
+                        a0 = vfma(v0, vload(x, j), a0)
+                        a1 = vfma(v1, vload(x, j + 16), a1)
+                        a2 = vfma(v2, vload(x, j + 32), a2)
+                        a3 = vfma(v3, vload(x, j + 48), a3)
+                        if n > 1:
+                            b0, b1 = _fma_pair(v0, v1, v2, v3, x, j + width, b0, b1)
+                        if n > 2:
+                            c0_, c1 = _fma_pair(v0, v1, v2, v3, x, j + 2 * width, c0_, c1)
+                        if n > 3:
+                            d0, d1 = _fma_pair(v0, v1, v2, v3, x, j + 3 * width, d0, d1)
+                    _add(y, t, r, n, scale, vsum(vadd(vadd(a0, a1), vadd(a2, a3))), vsum(vadd(b0, b1)),
+                         vsum(vadd(c0_, c1)), vsum(vadd(d0, d1)))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def csr_gemv(values, row_start, indices, scales, x, y, ahead):  # pragma: no cover - compiled
-    """CSR rows: 16 values at a time against x gathered at their uint16 column indices.
+def csr_gemv(values, row_start, indices, scales, x, y, ahead, groups):  # pragma: no cover - compiled
+    """CSR rows: 16 values at a time against x [batch, cols] gathered at their uint16 column indices.
 
-    values, indices: packed, with at least 16 spare entries at the end; x float32 [batch, width] in column
-    order; other arguments as chunked_gemv."""
+    values, indices: packed, with at least 16 spare entries at the end; row_start int64 [1, rows + 1]; other
+    arguments as chunked_gemv."""
     batch, width = x.shape
-    for r in numba.prange(y.shape[1]):
-        scale = scales[r] if scales.size else np.float32(1.0)
-        start, end = row_start[r], row_start[r + 1]
-        for t in range(0, batch, TILE):
-            n = min(TILE, batch - t)
-            z = vzero()
-            a0, a1, a2, a3 = z, z, z, z
-            for k in range(start, end, LANES):
-                prefetch(values, k + ahead)
-                prefetch(indices, k + ahead)
-                count = min(LANES, end - k)  # lanes past the row's end gather nothing and add 0·w
-                v = vload_widen(values, k)
-                a0 = vfma(v, vgather(x, t * width, indices, k, count), a0)
-                if n > 1:
-                    a1 = vfma(v, vgather(x, (t + 1) * width, indices, k, count), a1)
-                if n > 2:
-                    a2 = vfma(v, vgather(x, (t + 2) * width, indices, k, count), a2)
-                if n > 3:
-                    a3 = vfma(v, vgather(x, (t + 3) * width, indices, k, count), a3)
-            _store(y, t, r, n, scale, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+    rows = y.shape[1]
+    for g in numba.prange(groups):
+        r0, r1 = _row_range(g, groups, rows)
+        y[:, r0:r1] = 0.0
+        for r in range(r0, r1):
+            scale = scales[r] if scales.size else np.float32(1.0)
+            start, end = row_start[0, r], row_start[0, r + 1]
+            for t in range(0, batch, TILE):
+                n = min(TILE, batch - t)
+                z = vzero()
+                a0, a1, a2, a3 = z, z, z, z
+                for k in range(start, end, LANES):
+                    prefetch(values, k + ahead)
+                    prefetch(indices, k + ahead)
+                    count = min(LANES, end - k)  # lanes past the row's end gather nothing and add 0·w
+                    v = vload_widen(values, k)
+                    a0 = vfma(v, vgather(x, t * width, indices, k, count), a0)
+                    if n > 1:
+                        a1 = vfma(v, vgather(x, (t + 1) * width, indices, k, count), a1)
+                    if n > 2:
+                        a2 = vfma(v, vgather(x, (t + 2) * width, indices, k, count), a2)
+                    if n > 3:
+                        a3 = vfma(v, vgather(x, (t + 3) * width, indices, k, count), a3)
+                _add(y, t, r, n, scale, vsum(a0), vsum(a1), vsum(a2), vsum(a3))

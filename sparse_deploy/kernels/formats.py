@@ -6,9 +6,12 @@ Every format holds a weight W [rows, cols] in one of three value types:
 - ``bf16``: the top 16 bits of float32 (round to nearest even), stored as uint16 and widened in registers;
 - ``int8``: symmetric per-row quantization, W[r] ≈ scales[r] · q[r] with q in [-127, 127].
 
-Columns are padded with zeros to a multiple of 64 (one kernel step, one mask word). Arrays are C-contiguous;
-those read as vectors start on a 64-byte boundary. ``row_start[r]`` is where row r's values begin, so any
-thread can start at any row and a row block's values are contiguous.
+Columns are padded with zeros to a multiple of 64 (one kernel step, one mask word) and cut into column blocks
+of ``block_cols`` (1024 by default): block k holds columns [k·block_cols, (k+1)·block_cols) of every row and is
+stored whole before block k + 1, row after row. A kernel works through one block at a time, so the slice of x
+it multiplies by stays in the L1 cache even at batch 8, while each thread still streams one contiguous range
+of values per block. ``row_start[k, r]`` (the popcount prefix, for the bitmask) is where row r's values of
+block k begin, so any thread can start at any row of any block. Arrays start on a 64-byte boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ ValueType = Literal["fp32", "bf16", "int8"]
 VALUE_TYPES: tuple[ValueType, ...] = ("fp32", "bf16", "int8")
 STORAGE = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 CHUNK = 64  # columns per mask word and per kernel step
+BLOCK_COLS = 1024  # columns per block: x [8, 1024] float32 is 32 KiB, inside a 48 KiB L1
 PAD = 64  # spare zero values after packed arrays: vector reads near the end stay inside the array
 ALIGN = 64  # bytes
 MAX_CSR_COLS = 1 << 16  # column indices are uint16
@@ -49,11 +53,16 @@ class EncodedMatrix:
 
     shape: tuple[int, int]
     dtype: ValueType
-    values: np.ndarray  # STORAGE[dtype], 1-D, packed row after row, PAD zeros at the end
-    row_start: np.ndarray  # int64 [rows + 1]: row r's values are values[row_start[r] : row_start[r + 1]]
+    block_cols: int  # a multiple of 64
+    values: np.ndarray  # STORAGE[dtype], 1-D: block after block, row after row, PAD zeros at the end
+    row_start: np.ndarray  # int64 [blocks, rows + 1]: row r's values of block k begin at values[row_start[k, r]]
     scales: np.ndarray  # float32 [rows] for int8, else empty
 
     format: ClassVar[str] = ""
+
+    @property
+    def blocks(self) -> int:
+        return self.row_start.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -63,19 +72,20 @@ class EncodedMatrix:
 
 @dataclass(frozen=True, eq=False)
 class DenseMatrix(EncodedMatrix):
-    """Dense rows of padded_cols(cols) values: the baseline the sparse formats are measured against."""
+    """All padded_cols(cols) values of each row: the baseline the sparse formats are measured against."""
 
     format: ClassVar[str] = "dense"
 
 
 @dataclass(frozen=True, eq=False)
 class BitmaskMatrix(EncodedMatrix):
-    """A bit per weight and the nonzero values packed in row-major order.
+    """A bit per weight, and the nonzero values packed in column order.
 
-    masks[r, c] bit j set <=> W[r, 64c + j] != 0; its value is the next one in the row's packed values, so the
-    values of word c start at row_start[r] + popcount of the row's earlier words."""
+    Mask word c of row r in block k (c counts 64-column chunks inside the block, of which the block has n) is
+    masks[rows·(block_cols/64)·k + n·r + c]; its bit j is set <=> W[r, k·block_cols + 64c + j] != 0. The values
+    of that word start at row_start[k, r] + the popcount of the row's earlier words in the block."""
 
-    masks: np.ndarray  # uint64 [rows, padded_cols / 64]
+    masks: np.ndarray  # uint64, 1-D: block after block, row after row
 
     format: ClassVar[str] = "bitmask"
 
@@ -84,17 +94,18 @@ class BitmaskMatrix(EncodedMatrix):
 class NMMatrix(EncodedMatrix):
     """2:4 sparsity: two values kept in every aligned group of four columns, with their 2-bit in-group indices.
 
-    Group g of a row keeps values[row_start[r] + 2g + {0, 1}] at columns 4g + i0 and 4g + i1 (i0 < i1), where
-    nibble g of the row's metadata is i0 | i1 << 2 (nibble g is bits 4(g % 8).. of meta[r, g // 8])."""
+    Group g of row r in block k (g counts groups inside the block) keeps values[row_start[k, r] + 2g + {0, 1}]
+    at block columns 4g + i0 and 4g + i1 (i0 < i1), where i0 | i1 << 2 is nibble g of the row's metadata in the
+    block: bits 4(g % 8).. of meta[2·(rows·(block_cols/64)·k + n·r) + g // 8], n the block's 64-column chunks."""
 
-    meta: np.ndarray  # uint32 [rows, padded_cols / 32]
+    meta: np.ndarray  # uint32, 1-D: block after block, row after row
 
     format: ClassVar[str] = "2:4"
 
 
 @dataclass(frozen=True, eq=False)
 class CSRMatrix(EncodedMatrix):
-    """Compressed sparse rows with uint16 column indices (cols <= 65536)."""
+    """Compressed sparse rows with uint16 column indices (cols <= 65536), in a single block."""
 
     indices: np.ndarray  # uint16, aligned with values (PAD zeros at the end)
 
@@ -144,64 +155,104 @@ def widen(stored: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def _pad_rows(stored: np.ndarray) -> np.ndarray:
-    """[rows, cols] -> [rows, padded_cols], zero padded, aligned."""
+    """[rows, cols] -> [rows, padded_cols], zero padded."""
     rows, cols = stored.shape
-    out = aligned_zeros((rows, padded_cols(cols)), stored.dtype)
+    out = np.zeros((rows, padded_cols(cols)), stored.dtype)
     out[:, :cols] = stored
     return out
 
 
 def _packed(values: np.ndarray) -> np.ndarray:
+    """A 1-D aligned copy with PAD zeros after the end."""
     out = aligned_zeros(values.size + PAD, values.dtype)
     out[: values.size] = values.reshape(-1)
     return out
 
 
-def _row_start(counts: np.ndarray) -> np.ndarray:
-    start = np.zeros(counts.size + 1, np.int64)
-    np.cumsum(counts, out=start[1:])
-    return start
+def _check_block_cols(block_cols: int) -> int:
+    if isinstance(block_cols, bool) or not isinstance(block_cols, (int, np.integer)) or block_cols <= 0 or \
+            block_cols % CHUNK:
+        raise InvalidInputError(f"block_cols must be a positive multiple of {CHUNK}, got {block_cols!r}")
+    return int(block_cols)
 
 
-def encode_dense(W: np.ndarray, dtype: ValueType = "fp32") -> DenseMatrix:
-    stored, scales = quantize(W, dtype)
+def _slabs(padded: np.ndarray, block_cols: int):
+    """(block index, first column, [rows, block width] view) for each column block."""
+    for k, c0 in enumerate(range(0, padded.shape[1], block_cols)):
+        yield k, c0, padded[:, c0 : c0 + block_cols]
+
+
+def _encode_blocks(stored: np.ndarray, block_cols: int, encode_slab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad, cut into column blocks, encode each: encode_slab(slab) -> (packed values, values per row, aux words).
+    Returns (values, row_start [blocks, rows + 1], aux), each concatenated block after block."""
     padded = _pad_rows(stored)
-    rows, width = padded.shape
-    return DenseMatrix(W.shape, dtype, _packed(padded), np.arange(rows + 1, dtype=np.int64) * width, scales)
+    rows = padded.shape[0]
+    values, starts, aux = [], [], []
+    base = 0
+    for _, _, slab in _slabs(padded, block_cols):
+        packed, counts, words = encode_slab(slab)
+        start = np.empty(rows + 1, np.int64)
+        start[0] = base
+        np.cumsum(counts, out=start[1:])  # row r's values of this block begin after rows 0..r-1
+        start[1:] += base
+        base = int(start[-1])
+        values.append(packed.reshape(-1))
+        starts.append(start)
+        aux.append(words.reshape(-1))
+    return _packed(np.concatenate(values)), np.stack(starts), _packed(np.concatenate(aux))[: sum(a.size for a in aux)]
 
 
-def encode_bitmask(W: np.ndarray, dtype: ValueType = "fp32") -> BitmaskMatrix:
+def _dense_slab(slab):
+    return slab, np.full(slab.shape[0], slab.shape[1]), np.zeros(0, np.uint8)
+
+
+def _bitmask_slab(slab):
+    bits = slab != 0  # stored zeros (pruned, or rounded to 0) are not kept
+    words = np.packbits(bits, axis=1, bitorder="little").view("<u8")  # bit j of word c <-> column 64c + j
+    return slab[bits], bits.sum(axis=1), words.astype(np.uint64)
+
+
+def _nm_slab(slab):
+    rows = slab.shape[0]
+    groups = slab.reshape(rows, -1, 4)  # [rows, groups, 4]
+    nonzero = groups != 0
+    # kept positions: the nonzeros first, then the lowest zero positions, each pair in increasing order
+    kept = np.sort(np.argsort(~nonzero, axis=2, kind="stable")[:, :, :2], axis=2)  # [rows, groups, 2] = (i0, i1)
+    nibbles = (kept[:, :, 0] | (kept[:, :, 1] << 2)).astype(np.uint32).reshape(rows, -1, 8)
+    meta = np.zeros(nibbles.shape[:2], np.uint32)
+    for k in range(8):  # nibble k of a word holds group 8·word + k
+        meta |= nibbles[:, :, k] << np.uint32(4 * k)
+    return np.take_along_axis(groups, kept, axis=2), np.full(rows, slab.shape[1] // 2), meta
+
+
+def encode_dense(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> DenseMatrix:
+    block_cols = _check_block_cols(block_cols)
     stored, scales = quantize(W, dtype)
-    padded = _pad_rows(stored)
-    bits = padded != 0  # [rows, padded_cols]; stored zeros (pruned, or rounded to 0) are not kept
-    masks = np.packbits(bits, axis=1, bitorder="little").view("<u8")  # bit j of word c <-> column 64c + j
-    return BitmaskMatrix(W.shape, dtype, _packed(padded[bits]), _row_start(bits.sum(axis=1)), scales,
-                         np.ascontiguousarray(masks.astype(np.uint64)))
+    values, row_start, _ = _encode_blocks(stored, block_cols, _dense_slab)
+    return DenseMatrix(stored.shape, dtype, block_cols, values, row_start, scales)
 
 
-def encode_nm(W: np.ndarray, dtype: ValueType = "fp32") -> NMMatrix:
+def encode_bitmask(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> BitmaskMatrix:
+    block_cols = _check_block_cols(block_cols)
+    stored, scales = quantize(W, dtype)
+    values, row_start, masks = _encode_blocks(stored, block_cols, _bitmask_slab)
+    return BitmaskMatrix(stored.shape, dtype, block_cols, values, row_start, scales, masks)
+
+
+def encode_nm(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> NMMatrix:
     """2:4: every aligned group of four columns must hold at most two nonzeros (after rounding to dtype)."""
+    block_cols = _check_block_cols(block_cols)
     stored, scales = quantize(W, dtype)
     rows, cols = stored.shape
     if cols % 4:
         raise InvalidInputError(f"2:4 needs a multiple of 4 columns, got {cols}; pad the weight or use bitmask")
-    groups = _pad_rows(stored).reshape(rows, -1, 4)  # [rows, padded_cols / 4, 4]
-    nonzero = groups != 0
-    crowded = nonzero.sum(axis=2) > 2
+    crowded = (stored.reshape(rows, -1, 4) != 0).sum(axis=2) > 2
     if crowded.any():
         r, g = np.argwhere(crowded)[0]
         raise InvalidInputError(f"weight is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold more than "
                                 f"two nonzeros; prune with pattern 2:4 or use the bitmask format")
-    # kept positions: the nonzeros first, then the lowest zero positions, each pair in increasing order
-    order = np.argsort(~nonzero, axis=2, kind="stable")[:, :, :2]
-    kept = np.sort(order, axis=2)  # [rows, groups, 2] = (i0, i1)
-    values = np.take_along_axis(groups, kept, axis=2)
-    nibbles = (kept[:, :, 0] | (kept[:, :, 1] << 2)).astype(np.uint32).reshape(rows, -1, 8)
-    meta = np.zeros(nibbles.shape[:2], np.uint32)
-    for k in range(8):  # nibble k of each word holds group 8·word + k
-        meta |= nibbles[:, :, k] << np.uint32(4 * k)
-    return NMMatrix(W.shape, dtype, _packed(values), np.arange(rows + 1, dtype=np.int64) * values.shape[1] * 2,
-                    scales, meta)
+    values, row_start, meta = _encode_blocks(stored, block_cols, _nm_slab)
+    return NMMatrix(stored.shape, dtype, block_cols, values, row_start, scales, meta)
 
 
 def encode_csr(W: np.ndarray, dtype: ValueType = "fp32") -> CSRMatrix:
@@ -211,40 +262,47 @@ def encode_csr(W: np.ndarray, dtype: ValueType = "fp32") -> CSRMatrix:
         raise InvalidInputError(f"CSR stores uint16 column indices, so cols must be <= {MAX_CSR_COLS}, got {cols}; "
                                 f"use the bitmask format")
     r, c = np.nonzero(stored)  # row-major order
-    return CSRMatrix(W.shape, dtype, _packed(stored[r, c]), _row_start(np.bincount(r, minlength=rows)), scales,
+    row_start = np.zeros((1, rows + 1), np.int64)
+    np.cumsum(np.bincount(r, minlength=rows), out=row_start[0, 1:])
+    return CSRMatrix(stored.shape, dtype, padded_cols(cols), _packed(stored[r, c]), row_start, scales,
                      _packed(c.astype(np.uint16)))
 
 
 ENCODERS = {"dense": encode_dense, "bitmask": encode_bitmask, "2:4": encode_nm, "csr": encode_csr}
 
 
-def encode(W: np.ndarray, format: str, dtype: ValueType = "fp32") -> EncodedMatrix:
-    """Encode W [rows, cols] in ``format`` (dense, bitmask, 2:4 or csr) with ``dtype`` values."""
+def encode(W: np.ndarray, format: str, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> EncodedMatrix:
+    """Encode W [rows, cols] in ``format`` (dense, bitmask, 2:4 or csr) with ``dtype`` values. CSR is one block."""
     if format not in ENCODERS:
         raise InvalidInputError(f"format {format!r} is not supported; use one of {', '.join(ENCODERS)}")
-    return ENCODERS[format](W, dtype)
+    if format == "csr":
+        return encode_csr(W, dtype)
+    return ENCODERS[format](W, dtype, block_cols)
 
 
 def decode(M: EncodedMatrix) -> np.ndarray:
     """The float32 [rows, cols] matrix the kernels multiply by (W rounded to the value type)."""
     rows, cols = M.shape
-    width = padded_cols(cols)
-    stored = np.zeros((rows, width), STORAGE[M.dtype])
-    nnz = int(M.row_start[-1])
-    if isinstance(M, DenseMatrix):
-        stored[:] = M.values[:nnz].reshape(rows, width)
-    elif isinstance(M, BitmaskMatrix):
-        bits = np.unpackbits(M.masks.view(np.uint8), axis=1, bitorder="little").astype(bool)
-        stored[bits] = M.values[:nnz]
-    elif isinstance(M, NMMatrix):
-        nibbles = (M.meta[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & np.uint32(15)
-        nibbles = nibbles.reshape(rows, -1)  # [rows, groups]
-        kept = np.stack([nibbles & 3, nibbles >> 2], axis=2).astype(np.int64)
-        groups = stored.reshape(rows, -1, 4)
-        np.put_along_axis(groups, kept, M.values[:nnz].reshape(rows, -1, 2), axis=2)
-    elif isinstance(M, CSRMatrix):
-        row = np.repeat(np.arange(rows), np.diff(M.row_start))
-        stored[row, M.indices[:nnz].astype(np.int64)] = M.values[:nnz]
-    else:
-        raise InvalidInputError(f"cannot decode {type(M).__name__}")
+    stored = np.zeros((rows, padded_cols(cols)), STORAGE[M.dtype])
+    if isinstance(M, CSRMatrix):
+        start = M.row_start[0]
+        row = np.repeat(np.arange(rows), np.diff(start))
+        stored[row, M.indices[: start[-1]].astype(np.int64)] = M.values[: start[-1]]
+        return widen(stored[:, :cols], M.scales)
+    for k, _, slab in _slabs(stored, M.block_cols):
+        chunks = slab.shape[1] // CHUNK
+        first_word = rows * (M.block_cols // CHUNK) * k  # every earlier block is full
+        values = M.values[M.row_start[k, 0] : M.row_start[k, -1]]
+        if isinstance(M, DenseMatrix):
+            slab[:] = values.reshape(rows, -1)
+        elif isinstance(M, BitmaskMatrix):
+            words = M.masks[first_word : first_word + rows * chunks].reshape(rows, chunks)
+            slab[np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)] = values
+        elif isinstance(M, NMMatrix):
+            meta = M.meta[2 * first_word : 2 * (first_word + rows * chunks)].reshape(rows, -1)
+            nibbles = ((meta[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & np.uint32(15)).reshape(rows, -1)
+            kept = np.stack([nibbles & 3, nibbles >> 2], axis=2).astype(np.int64)
+            np.put_along_axis(slab.reshape(rows, -1, 4), kept, values.reshape(rows, -1, 2), axis=2)
+        else:
+            raise InvalidInputError(f"cannot decode {type(M).__name__}")
     return widen(stored[:, :cols], M.scales)

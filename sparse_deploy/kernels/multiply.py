@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from sparse_deploy.errors import InvalidInputError
 from sparse_deploy.kernels._gemv import chunked_gemv, csr_gemv
 from sparse_deploy.kernels._simd import CHUNK, lane_columns
-from sparse_deploy.kernels.formats import (STORAGE, BitmaskMatrix, CSRMatrix, DenseMatrix, EncodedMatrix, NMMatrix,
-                                           aligned_zeros, padded_cols)
+from sparse_deploy.kernels.formats import STORAGE, BitmaskMatrix, CSRMatrix, EncodedMatrix, NMMatrix, padded_cols
 
 PREFETCH_BYTES = 16384  # how far ahead of the decode the kernels prefetch the packed values
+_LANE_ORDER = {"fp32": None, "bf16": lane_columns(STORAGE["bf16"]), "int8": lane_columns(STORAGE["int8"])}
 
 
 def _check_x(x: np.ndarray, cols: int) -> np.ndarray:
@@ -35,22 +36,6 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def kernel_input(M: EncodedMatrix, x: np.ndarray) -> np.ndarray:
-    """The x the kernel reads: float32 [batch, padded_cols], 64-byte aligned, zero padded, in the decoded lane
-    order of M's value type (column order for fp32 and CSR)."""
-    batch, cols = x.shape
-    width = padded_cols(cols)
-    out = aligned_zeros((batch, width), np.float32)
-    if M.dtype == "fp32" or isinstance(M, CSRMatrix):
-        out[:, :cols] = x
-        return out
-    padded = np.zeros((batch, width), np.float32)
-    padded[:, :cols] = x
-    np.take(padded.reshape(batch, -1, CHUNK), lane_columns(STORAGE[M.dtype]), axis=2,
-            out=out.reshape(batch, -1, CHUNK))
-    return out
-
-
 def gemv(M: EncodedMatrix, x: np.ndarray, out: np.ndarray | None = None,
          prefetch_bytes: int = PREFETCH_BYTES) -> np.ndarray:
     """y = x · Wᵀ (the product a Linear layer computes): x [cols] -> y [rows], x [batch, cols] -> y [batch, rows].
@@ -63,12 +48,18 @@ def gemv(M: EncodedMatrix, x: np.ndarray, out: np.ndarray | None = None,
     x2 = _check_x(x, cols)
     result = _check_out(out, (rows,) if x.ndim == 1 else (x2.shape[0], rows))
     y = result.reshape(x2.shape[0], rows)
-    xk = kernel_input(M, x2)
+    x2 = np.ascontiguousarray(x2)
     ahead = max(int(prefetch_bytes), 0) // M.values.itemsize
+    groups = min(rows, numba.get_num_threads())  # one contiguous row range per thread
     if isinstance(M, CSRMatrix):
-        csr_gemv(M.values, M.row_start, M.indices, M.scales, xk, y, ahead)
+        csr_gemv(M.values, M.row_start, M.indices, M.scales, x2, y, ahead, groups)
+        return result
+    if isinstance(M, BitmaskMatrix):
+        aux = M.masks
+    elif isinstance(M, NMMatrix):
+        aux = M.meta
     else:
-        aux = {BitmaskMatrix: lambda: M.masks, NMMatrix: lambda: M.meta,
-               DenseMatrix: lambda: np.zeros(0, np.bool_)}[type(M)]()
-        chunked_gemv(M.values, M.row_start, aux, aux, M.scales, xk, y, ahead)
+        aux = np.zeros(0, np.bool_)
+    chunked_gemv(M.values, M.row_start, aux, aux, M.scales, x2, _LANE_ORDER[M.dtype], padded_cols(cols),
+                 M.block_cols // CHUNK, y, ahead, groups)
     return result

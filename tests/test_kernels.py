@@ -12,6 +12,7 @@ import pytest
 from sparse_deploy.errors import InvalidInputError, SparseDeployError
 from sparse_deploy.kernels import (FORMATS, VALUE_TYPES, BitmaskMatrix, CSRMatrix, NMMatrix, decode, encode,
                                    encode_bitmask, encode_csr, encode_nm, gemv, quantize)
+from sparse_deploy.kernels._gemv import quantize_u8
 from sparse_deploy.kernels._simd import lane_columns
 from sparse_deploy.kernels.formats import STORAGE, aligned_zeros
 
@@ -32,12 +33,25 @@ def pruned(rows: int, cols: int, fmt: str, seed: int, sparsity: float = 0.5) -> 
 
 
 def assert_product(M, W_used: np.ndarray, x: np.ndarray) -> None:
-    """gemv equals the float64 product with the matrix the kernel uses, within float32 summation error."""
-    y = gemv(M, x)
+    """gemv equals the float64 product with the matrix the kernel uses, within float32 summation error; int8
+    matrices also with x quantized to uint8: exactly the integer product, and within x's rounding of the float
+    product."""
     ref = x.astype(np.float64) @ W_used.T.astype(np.float64)
     bound = np.abs(x).astype(np.float64) @ np.abs(W_used).T.astype(np.float64)
+    y = gemv(M, x, quantize_x=False)
     assert y.shape == ref.shape and y.dtype == np.float32
     np.testing.assert_array_less(np.abs(y - ref), 4e-6 * bound + 1e-30)
+    if M.dtype != "int8" or isinstance(M, CSRMatrix):
+        return
+    y = gemv(M, x)
+    x2 = x.reshape(-1, M.shape[1])
+    xq, sx, zero = quantize_u8(x2, x2.shape[1])
+    q = np.rint(W_used / np.where(M.scales > 0, M.scales, 1)[:, None]).astype(np.int64)  # the stored int8 values
+    exact = (sx[: len(x2), None].astype(np.float64) * M.scales) * ((xq.astype(np.int64) - zero[: len(x2), None]) @ q.T)
+    np.testing.assert_allclose(y.reshape(exact.shape), exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    step = sx[: len(x2), None].astype(np.float64)  # x's rounding: |x - sx (xq - zero)| <= sx / 2
+    np.testing.assert_array_less(np.abs(y.reshape(exact.shape) - ref.reshape(exact.shape)),
+                                 (step / 2 + 1e-6) * np.abs(W_used).sum(axis=1) + 1e-5)
 
 
 @pytest.mark.parametrize("dtype", VALUE_TYPES)
@@ -204,6 +218,54 @@ def test_encoders_reject_bad_weights():
         with pytest.raises(InvalidInputError, match=message) as info:
             make()
         assert isinstance(info.value, (SparseDeployError, ValueError))
+
+
+def test_quantize_u8_matches_dynamic_quantize_linear():
+    """x's uint8 quantization is ONNX DynamicQuantizeLinear per batch row, bit for bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    outs = [helper.make_tensor_value_info(n, t, s) for n, t, s in
+            (("q", TensorProto.UINT8, [37]), ("s", TensorProto.FLOAT, []), ("z", TensorProto.UINT8, []))]
+    graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [37])], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 37)).astype(np.float32) * rng.uniform(0.01, 100, (60, 1)).astype(np.float32)
+    x[:10] = np.abs(x[:10])  # all positive, as after an activation
+    x[10, :] = 0
+    xq, scale, zero = quantize_u8(x, 64)
+    assert xq.shape == (60, 64) and not xq[:, 37:].any()
+    for b in range(60):
+        q, s, z = session.run(None, {"x": x[b]})
+        np.testing.assert_array_equal(xq[b, :37], q)
+        assert scale[b] == s and zero[b] == z
+
+
+def test_generic_cpu_lowering(tmp_path, request):
+    """The same kernels compiled for a generic x86-64 CPU (no AVX-512: LLVM lowers expand, gather and the
+    uint8 · int8 dot product to plain code) give the same answers."""
+    code = (
+        "import numpy as np\n"
+        "from sparse_deploy.kernels import decode, encode, gemv\n"
+        "from sparse_deploy.kernels._simd import has_vnni\n"
+        "assert not has_vnni()\n"
+        "rng = np.random.default_rng(0)\n"
+        "W = rng.standard_normal((19, 136)).astype(np.float32)\n"
+        "g = W.reshape(19, -1, 4); np.put_along_axis(g, np.argsort(np.abs(g), 2)[:, :, :2], 0, 2)\n"
+        "x = rng.standard_normal((5, 136)).astype(np.float32)\n"
+        "for fmt, dtype in [('bitmask', 'bf16'), ('2:4', 'fp32'), ('csr', 'fp32'), ('2:4', 'int8')]:\n"
+        "    M = encode(W, fmt, dtype)\n"
+        "    ref = x @ decode(M).T\n"
+        "    tol = 0.05 if dtype == 'int8' else 1e-4\n"
+        "    assert np.abs(gemv(M, x) - ref).max() <= tol * np.abs(ref).max(), (fmt, dtype)\n"
+    )
+    env = {**__import__("os").environ, "NUMBA_CPU_NAME": "generic",
+           "NUMBA_CACHE_DIR": str(request.config.cache.mkdir("numba-generic"))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(__import__("pathlib").Path(__file__).parents[1]),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_kernels_do_not_import_torch():

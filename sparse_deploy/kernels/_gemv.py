@@ -13,8 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sparse_deploy.kernels._simd import (CHUNK, LANES, decode_chunk, prefetch, vadd, vfma, vgather, vload,
-                                         vload_widen, vsum, vzero)
+from sparse_deploy.kernels._simd import (CHUNK, LANES, decode_chunk, decode_chunk_bytes, prefetch, vadd, vdot_u8i8,
+                                         vfma, vgather, visum, vizero, vload, vload_widen, vsum, vzero)
 
 TILE = 4  # batch rows per pass over a weight row
 
@@ -39,6 +39,27 @@ def lane_copy(x, lanes, width):  # pragma: no cover - compiled
             if full + lanes[i] < cols:
                 out[b, full + i] = x[b, full + lanes[i]]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def quantize_u8(x, width):  # pragma: no cover - compiled
+    """x [batch, cols] -> (xq uint8 [batch, width] zero padded, scale float32, zero int32), x ≈ scale · (xq - zero)
+    per batch row over [min(x, 0), max(x, 0)], as ONNX DynamicQuantizeLinear. scale and zero have TILE spare
+    entries so a tile can read past the last batch row."""
+    batch, cols = x.shape
+    xq = np.zeros((batch, width), np.uint8)
+    scale = np.zeros(batch + TILE, np.float32)
+    zero = np.zeros(batch + TILE, np.int32)
+    for b in range(batch):
+        lo = min(np.float32(0.0), x[b].min())
+        hi = max(np.float32(0.0), x[b].max())
+        s = (hi - lo) / np.float32(255.0) if hi > lo else np.float32(1.0)
+        z = min(max(np.rint(-lo / s), np.float32(0.0)), np.float32(255.0))
+        for j in range(cols):  # round half to even, then saturate to [0, 255]
+            xq[b, j] = np.uint8(min(max(np.rint(x[b, j] / s) + z, np.float32(0.0)), np.float32(255.0)))
+        scale[b] = s
+        zero[b] = np.int32(z)
+    return xq, scale, zero
 
 
 @numba.njit(inline="always")
@@ -145,3 +166,45 @@ def csr_gemv(values, row_start, indices, scales, x, y, ahead, groups):  # pragma
                     if n > 3:
                         a3 = vfma(v, vgather(x, (t + 3) * width, indices, k, count), a3)
                 _add(y, t, r, n, scale, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def chunked_gemv_u8(values, row_start, aux, aux_bits, scales, sums, x_in, width, block_chunks, y, ahead,
+                    groups):  # pragma: no cover - compiled
+    """int8 dense, bitmask and 2:4 rows against x quantized to uint8 (quantize_u8), in exact int32 sums:
+    y[b, r] = sx_b · s_r · (Σ_j xq[b, j] q[r, j] - zero_b · Σ_j q[r, j]). sums: int32 [rows] Σ_j q[r, j]; the
+    other arguments as chunked_gemv."""
+    xq, sx, zero = quantize_u8(x_in, width)
+    batch = xq.shape[0]
+    rows = y.shape[1]
+    chunks = width // CHUNK
+    for g in numba.prange(groups):
+        r0, r1 = _row_range(g, groups, rows)
+        y[:, r0:r1] = 0.0
+        for k in range(row_start.shape[0]):
+            c0 = k * block_chunks
+            n_chunks = min(block_chunks, chunks - c0)
+            first_word = rows * c0
+            for r in range(r0, r1):
+                for t in range(0, batch, TILE):
+                    n = min(TILE, batch - t)
+                    a0 = vizero()
+                    a1, a2, a3 = a0, a0, a0
+                    p = row_start[k, r]
+                    word = first_word + r * n_chunks
+                    for c in range(n_chunks):
+                        prefetch(values, p + ahead)
+                        w, p = decode_chunk_bytes(values, p, aux, aux_bits, word + c)
+                        j = t * width + (c0 + c) * CHUNK  # Σ xq[t, j'] q[r, j'] over the chunk's 64 columns
+                        a0 = vdot_u8i8(a0, xq, j, w)
+                        if n > 1:
+                            a1 = vdot_u8i8(a1, xq, j + width, w)
+                        if n > 2:
+                            a2 = vdot_u8i8(a2, xq, j + 2 * width, w)
+                        if n > 3:
+                            a3 = vdot_u8i8(a3, xq, j + 3 * width, w)
+                    _add(y, t, r, n, scales[r], sx[t] * visum(a0), sx[t + 1] * visum(a1), sx[t + 2] * visum(a2),
+                         sx[t + 3] * visum(a3))
+        for r in range(r0, r1):
+            for b in range(batch):  # the zero-point term
+                y[b, r] -= scales[r] * sx[b] * np.float32(zero[b] * sums[r])

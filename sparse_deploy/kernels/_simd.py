@@ -34,7 +34,15 @@ class F32x16(types.Type):
         super().__init__(name="f32x16")
 
 
+class I32x16(types.Type):
+    """numba type of a ``<16 x i32>`` held in a register (also: 64 int8 or uint8 values, 4 per lane)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="i32x16")
+
+
 f32x16 = F32x16()
+i32x16 = I32x16()
 _chunk = types.UniTuple(f32x16, 4)
 
 
@@ -42,6 +50,12 @@ _chunk = types.UniTuple(f32x16, 4)
 class _F32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V16F)
+
+
+@register_model(I32x16)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16I)
 
 
 def lane_columns(dtype) -> np.ndarray:
@@ -133,55 +147,129 @@ def _nm_mask(builder, meta):
 
 # --- intrinsics --------------------------------------------------------------------------------------------------
 
+def _decode_raw(context, builder, sig, args, kind, bits):
+    """The 64 columns of one row as 512-bit vectors of stored values (zeros where pruned), and the next start.
+    See decode_chunk for the arguments."""
+    vals, p, aux_arr, bits_arr, q = args
+    lanes = 512 // bits  # one expand or load fills a 512-bit register
+    base = _data_ptr(context, builder, sig.args[0], vals, p)
+    out = []
+    if kind == types.boolean:  # dense: plain loads
+        vty = ir.VectorType(_F32 if bits == 32 else ir.IntType(bits), lanes)
+        for h in range(CHUNK // lanes):
+            ptr = builder.bitcast(builder.gep(base, [ir.Constant(_I64, lanes * h)]), vty.as_pointer())
+            out.append(builder.load(ptr, align=bits // 8))
+        return out, builder.add(p, ir.Constant(_I64, CHUNK))
+    if kind == types.uint64:  # bitmask: each expand starts after the popcount of the mask bits below it
+        m64 = builder.load(_data_ptr(context, builder, sig.args[2], aux_arr, q), align=8)
+        kptr = builder.bitcast(_data_ptr(context, builder, sig.args[3], bits_arr, q), _I8.as_pointer())
+        for h in range(CHUNK // lanes):
+            mty = ir.VectorType(_I1, lanes)
+            mask = builder.load(builder.bitcast(builder.gep(kptr, [ir.Constant(_I64, lanes * h // 8)]),
+                                                mty.as_pointer()), align=1)
+            below = _popcount(builder, builder.shl(m64, ir.Constant(_I64, CHUNK - lanes * h))) if h else None
+            out.append(_expandload(builder, builder.gep(base, [below]) if h else base, mask, bits))
+        return out, builder.add(p, _popcount(builder, m64))
+    # 2:4: two values per group of four columns, so an expand of `lanes` columns takes lanes/2 values
+    mptr = builder.bitcast(_data_ptr(context, builder, sig.args[2], aux_arr, builder.mul(q, ir.Constant(_I64, 2))),
+                           _I64.as_pointer())
+    mask64 = _nm_mask(builder, builder.load(mptr, align=4))
+    for h in range(CHUNK // lanes):
+        mask = _int_mask(builder, builder.lshr(mask64, ir.Constant(_I64, lanes * h)), lanes)
+        out.append(_expandload(builder, builder.gep(base, [ir.Constant(_I64, lanes // 2 * h)]), mask, bits))
+    return out, builder.add(p, ir.Constant(_I64, CHUNK // 2))
+
+
+def _decode_types(values, aux):
+    """(value bits, format kind) when decode_chunk accepts these arrays, else None."""
+    if values.dtype not in (types.float32, types.uint16, types.int8) or \
+            aux.dtype not in (types.uint64, types.uint32, types.boolean):
+        return None
+    return _bits_per_value(values.dtype), aux.dtype
+
+
 @intrinsic
 def decode_chunk(typingctx, values, start, aux, aux_bits, word):
-    """(values, start, aux, aux_bits, word) -> ((four f32x16), next start): 64 columns of one row.
+    """(values, start, aux, aux_bits, word) -> ((four f32x16), next start): 64 columns of one row, widened to
+    float32 in lane_columns order.
 
     The format follows aux's dtype: uint64 is a bitmask (word `word` of aux, values packed from `start`);
     uint32 is 2:4 metadata (64-bit word `word`, 32 values from `start`); bool (empty) is dense (64 values from
     `start`). aux_bits must be the same array as aux, passed separately so that LLVM cannot merge the two
     reads: the mask bits then go from memory straight into mask registers, and the popcounts from the copy
     in general-purpose registers."""
-    dtype = values.dtype
-    if dtype not in (types.float32, types.uint16, types.int8) or aux.dtype not in (types.uint64, types.uint32,
-                                                                                   types.boolean):
+    if _decode_types(values, aux) is None:
         return None
-    kind = aux.dtype
-    bits = _bits_per_value(dtype)
-    lanes = 512 // bits  # one expand or load fills a 512-bit register
+    bits, kind = _decode_types(values, aux)
 
     def codegen(context, builder, sig, args):
-        vals, p, aux_arr, bits_arr, q = args
-        base = _data_ptr(context, builder, sig.args[0], vals, p)
-        out = []
-        if kind == types.boolean:  # dense: plain loads
-            vty = ir.VectorType(_F32 if bits == 32 else ir.IntType(bits), lanes)
-            for h in range(CHUNK // lanes):
-                ptr = builder.bitcast(builder.gep(base, [ir.Constant(_I64, lanes * h)]), vty.as_pointer())
-                out.append(builder.load(ptr, align=bits // 8))
-            nxt = builder.add(p, ir.Constant(_I64, CHUNK))
-        elif kind == types.uint64:  # bitmask: expand after the popcount of the mask bits below
-            m64 = builder.load(_data_ptr(context, builder, sig.args[2], aux_arr, q), align=8)
-            kptr = builder.bitcast(_data_ptr(context, builder, sig.args[3], bits_arr, q), _I8.as_pointer())
-            for h in range(CHUNK // lanes):
-                mty = ir.VectorType(_I1, lanes)
-                mask = builder.load(builder.bitcast(builder.gep(kptr, [ir.Constant(_I64, lanes * h // 8)]),
-                                                    mty.as_pointer()), align=1)
-                below = _popcount(builder, builder.shl(m64, ir.Constant(_I64, CHUNK - lanes * h))) if h else None
-                out.append(_expandload(builder, builder.gep(base, [below]) if h else base, mask, bits))
-            nxt = builder.add(p, _popcount(builder, m64))
-        else:  # 2:4: two values per group of four columns, so an expand of `lanes` columns takes lanes/2 values
-            mptr = builder.bitcast(_data_ptr(context, builder, sig.args[2], aux_arr,
-                                             builder.mul(q, ir.Constant(_I64, 2))), _I64.as_pointer())
-            mask64 = _nm_mask(builder, builder.load(mptr, align=4))
-            for h in range(CHUNK // lanes):
-                mask = _int_mask(builder, builder.lshr(mask64, ir.Constant(_I64, lanes * h)), lanes)
-                out.append(_expandload(builder, builder.gep(base, [ir.Constant(_I64, lanes // 2 * h)]), mask, bits))
-            nxt = builder.add(p, ir.Constant(_I64, CHUNK // 2))
-        vectors = out if bits == 32 else [v for packed in out for v in _widen(builder, packed, dtype)]
+        out, nxt = _decode_raw(context, builder, sig, args, kind, bits)
+        vectors = out if bits == 32 else [v for packed in out for v in _widen(builder, packed, values.dtype)]
         return context.make_tuple(builder, sig.return_type, [context.make_tuple(builder, _chunk, vectors), nxt])
 
     return types.Tuple((_chunk, types.int64))(values, start, aux, aux_bits, word), codegen
+
+
+@intrinsic
+def decode_chunk_bytes(typingctx, values, start, aux, aux_bits, word):
+    """Like decode_chunk for int8 values, without widening: (i32x16 holding the 64 int8 weights of the chunk in
+    column order, 4 per lane, next start)."""
+    if values.dtype != types.int8 or _decode_types(values, aux) is None:
+        return None
+    kind = aux.dtype
+
+    def codegen(context, builder, sig, args):
+        out, nxt = _decode_raw(context, builder, sig, args, kind, 8)
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(out[0], _V16I), nxt])
+
+    return types.Tuple((i32x16, types.int64))(values, start, aux, aux_bits, word), codegen
+
+
+def has_vnni() -> bool:
+    """Whether numba compiles for this CPU and it has AVX512-VNNI (vpdpbusd)."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    return config.CPU_NAME is None and bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+
+
+@intrinsic
+def vdot_u8i8(typingctx, acc, xq, index, weights):
+    """acc + Σ_k xq[index + 4l + k] · w[4l + k] per lane l: uint8 x by int8 weights, summed exactly in int32.
+    One vpdpbusd with AVX512-VNNI; elsewhere LLVM lowers the generic widening multiply and adds."""
+    if xq.dtype != types.uint8:
+        return None
+    vnni = has_vnni()
+
+    def codegen(context, builder, sig, args):
+        a, xs, i, w = args
+        ptr = builder.bitcast(_data_ptr(context, builder, sig.args[1], xs, i), _V16I.as_pointer())
+        xv = builder.load(ptr, align=1)
+        if vnni:
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, [a, xv, w])
+        v64 = ir.VectorType(_I32, 64)
+        b64 = ir.VectorType(_I8, 64)
+        prod = builder.mul(builder.zext(builder.bitcast(xv, b64), v64), builder.sext(builder.bitcast(w, b64), v64))
+        for k in range(4):  # lane l adds bytes 4l + k
+            a = builder.add(a, builder.shuffle_vector(prod, prod, ir.Constant(_V16I, list(range(k, 64, 4)))))
+        return a
+
+    return i32x16(acc, xq, index, weights), codegen
+
+
+@intrinsic
+def visum(typingctx, a):
+    """The sum of the 16 int32 lanes, as int64."""
+    def codegen(context, builder, sig, args):
+        wide = builder.sext(args[0], ir.VectorType(_I64, LANES))
+        return _call(builder, "llvm.vector.reduce.add.v16i64", _I64, [wide])
+
+    return types.int64(a), codegen
+
+
+@intrinsic
+def vizero(typingctx):
+    return i32x16(), lambda context, builder, sig, args: ir.Constant(_V16I, None)
 
 
 @intrinsic

@@ -57,6 +57,7 @@ class EncodedMatrix:
     values: np.ndarray  # STORAGE[dtype], 1-D: block after block, row after row, PAD zeros at the end
     row_start: np.ndarray  # int64 [blocks, rows + 1]: row r's values of block k begin at values[row_start[k, r]]
     scales: np.ndarray  # float32 [rows] for int8, else empty
+    row_sums: np.ndarray  # int32 [rows] Σ_j q[r, j] for int8 (the zero-point term of uint8 x · int8 W), else empty
 
     format: ClassVar[str] = ""
 
@@ -145,6 +146,11 @@ def quantize(W: np.ndarray, dtype: ValueType) -> tuple[np.ndarray, np.ndarray]:
     return q, scales
 
 
+def row_sums(stored: np.ndarray) -> np.ndarray:
+    """int32 [rows]: the sum of each row's int8 values; empty for other value types."""
+    return stored.sum(axis=1, dtype=np.int32) if stored.dtype == np.int8 else np.zeros(0, np.int32)
+
+
 def widen(stored: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Stored values -> float32 (the exact value each kernel multiplies by)."""
     if stored.dtype == np.uint16:
@@ -229,14 +235,14 @@ def encode_dense(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLO
     block_cols = _check_block_cols(block_cols)
     stored, scales = quantize(W, dtype)
     values, row_start, _ = _encode_blocks(stored, block_cols, _dense_slab)
-    return DenseMatrix(stored.shape, dtype, block_cols, values, row_start, scales)
+    return DenseMatrix(stored.shape, dtype, block_cols, values, row_start, scales, row_sums(stored))
 
 
 def encode_bitmask(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> BitmaskMatrix:
     block_cols = _check_block_cols(block_cols)
     stored, scales = quantize(W, dtype)
     values, row_start, masks = _encode_blocks(stored, block_cols, _bitmask_slab)
-    return BitmaskMatrix(stored.shape, dtype, block_cols, values, row_start, scales, masks)
+    return BitmaskMatrix(stored.shape, dtype, block_cols, values, row_start, scales, row_sums(stored), masks)
 
 
 def encode_nm(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> NMMatrix:
@@ -252,7 +258,7 @@ def encode_nm(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_
         raise InvalidInputError(f"weight is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold more than "
                                 f"two nonzeros; prune with pattern 2:4 or use the bitmask format")
     values, row_start, meta = _encode_blocks(stored, block_cols, _nm_slab)
-    return NMMatrix(stored.shape, dtype, block_cols, values, row_start, scales, meta)
+    return NMMatrix(stored.shape, dtype, block_cols, values, row_start, scales, row_sums(stored), meta)
 
 
 def encode_csr(W: np.ndarray, dtype: ValueType = "fp32") -> CSRMatrix:
@@ -265,7 +271,7 @@ def encode_csr(W: np.ndarray, dtype: ValueType = "fp32") -> CSRMatrix:
     row_start = np.zeros((1, rows + 1), np.int64)
     np.cumsum(np.bincount(r, minlength=rows), out=row_start[0, 1:])
     return CSRMatrix(stored.shape, dtype, padded_cols(cols), _packed(stored[r, c]), row_start, scales,
-                     _packed(c.astype(np.uint16)))
+                     row_sums(stored), _packed(c.astype(np.uint16)))
 
 
 ENCODERS = {"dense": encode_dense, "bitmask": encode_bitmask, "2:4": encode_nm, "csr": encode_csr}

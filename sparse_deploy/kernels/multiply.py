@@ -6,7 +6,7 @@ import numba
 import numpy as np
 
 from sparse_deploy.errors import InvalidInputError
-from sparse_deploy.kernels._gemv import chunked_gemv, csr_gemv
+from sparse_deploy.kernels._gemv import chunked_gemv, chunked_gemv_u8, csr_gemv
 from sparse_deploy.kernels._simd import CHUNK, lane_columns
 from sparse_deploy.kernels.formats import STORAGE, BitmaskMatrix, CSRMatrix, EncodedMatrix, NMMatrix, padded_cols
 
@@ -36,11 +36,15 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def gemv(M: EncodedMatrix, x: np.ndarray, out: np.ndarray | None = None,
+def gemv(M: EncodedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, quantize_x: bool = True,
          prefetch_bytes: int = PREFETCH_BYTES) -> np.ndarray:
     """y = x · Wᵀ (the product a Linear layer computes): x [cols] -> y [rows], x [batch, cols] -> y [batch, rows].
 
-    Runs on numba's thread pool (numba.set_num_threads); ``out`` receives y when given."""
+    int8 weights (dense, bitmask, 2:4) multiply x quantized to uint8 per batch row, as ONNX Runtime's dynamic
+    quantization does, with exact int32 sums (AVX512-VNNI where the CPU has it): x's rounding then bounds the
+    error, |Δy| <= scale_x / 2 · Σ_j |W[r, j]|. quantize_x=False multiplies float32 x instead (exact in x,
+    ~3x the instructions); int8 CSR always does. Runs on numba's thread pool (numba.set_num_threads); ``out``
+    receives y when given."""
     if not isinstance(M, EncodedMatrix):
         raise InvalidInputError(f"M must be an encoded matrix (see sparse_deploy.kernels.encode), got "
                                 f"{type(M).__name__}")
@@ -60,6 +64,10 @@ def gemv(M: EncodedMatrix, x: np.ndarray, out: np.ndarray | None = None,
         aux = M.meta
     else:
         aux = np.zeros(0, np.bool_)
-    chunked_gemv(M.values, M.row_start, aux, aux, M.scales, x2, _LANE_ORDER[M.dtype], padded_cols(cols),
-                 M.block_cols // CHUNK, y, ahead, groups)
+    if M.dtype == "int8" and quantize_x:
+        chunked_gemv_u8(M.values, M.row_start, aux, aux, M.scales, M.row_sums, x2, padded_cols(cols),
+                        M.block_cols // CHUNK, y, ahead, groups)
+    else:
+        chunked_gemv(M.values, M.row_start, aux, aux, M.scales, x2, _LANE_ORDER[M.dtype], padded_cols(cols),
+                     M.block_cols // CHUNK, y, ahead, groups)
     return result

@@ -43,13 +43,12 @@ def lane_copy(x, lanes, width):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def quantize_u8(x, width):  # pragma: no cover - compiled
-    """x [batch, cols] -> (xq uint8 [batch, width] zero padded, scale float32, zero int32), x ≈ scale · (xq - zero)
-    per batch row over [min(x, 0), max(x, 0)], as ONNX DynamicQuantizeLinear. scale and zero have TILE spare
-    entries so a tile can read past the last batch row."""
+    """x [batch, cols] -> (xq uint8 [batch, width] zero padded, scale float32 [batch], zero int32 [batch]),
+    x ≈ scale · (xq - zero) per batch row over [min(x, 0), max(x, 0)], as ONNX DynamicQuantizeLinear."""
     batch, cols = x.shape
     xq = np.zeros((batch, width), np.uint8)
-    scale = np.zeros(batch + TILE, np.float32)
-    zero = np.zeros(batch + TILE, np.int32)
+    scale = np.zeros(batch, np.float32)
+    zero = np.zeros(batch, np.int32)
     for b in range(batch):
         lo = min(np.float32(0.0), x[b].min())
         hi = max(np.float32(0.0), x[b].max())
@@ -71,15 +70,40 @@ def _fma_pair(v0, v1, v2, v3, x, k, even, odd):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _add(y, t, r, n, scale, s0, s1, s2, s3):  # pragma: no cover - compiled
-    """y[t + i, r] += scale · s_i for the n batch rows of a tile."""
-    y[t, r] += scale * s0
+def _dot_tile(a0, a1, a2, a3, xq, j, width, w, n):  # pragma: no cover - compiled
+    """a_i += the uint8 · int8 dot products of chunk weights w with xq.ravel()[j + i·width : ... + 64], i < n."""
+    a0 = vdot_u8i8(a0, xq, j, w)
     if n > 1:
-        y[t + 1, r] += scale * s1
+        a1 = vdot_u8i8(a1, xq, j + width, w)
     if n > 2:
-        y[t + 2, r] += scale * s2
+        a2 = vdot_u8i8(a2, xq, j + 2 * width, w)
     if n > 3:
-        y[t + 3, r] += scale * s3
+        a3 = vdot_u8i8(a3, xq, j + 3 * width, w)
+    return a0, a1, a2, a3
+
+
+@numba.njit(inline="always")
+def _add(y, t, r, n, scale, v0, v1, v2, v3):  # pragma: no cover - compiled
+    """y[t + i, r] += scale · (sum of the lanes of v_i) for the n batch rows of a tile (only n reductions)."""
+    y[t, r] += scale * vsum(v0)
+    if n > 1:
+        y[t + 1, r] += scale * vsum(v1)
+    if n > 2:
+        y[t + 2, r] += scale * vsum(v2)
+    if n > 3:
+        y[t + 3, r] += scale * vsum(v3)
+
+
+@numba.njit(inline="always")
+def _add_int(y, t, r, n, scale, sx, a0, e0, a1, e1, a2, e2, a3, e3):  # pragma: no cover - compiled
+    """y[t + i, r] += scale · sx[t + i] · (sum of the lanes of a_i and e_i) for the n batch rows of a tile."""
+    y[t, r] += scale * sx[t] * (visum(a0) + visum(e0))
+    if n > 1:
+        y[t + 1, r] += scale * sx[t + 1] * (visum(a1) + visum(e1))
+    if n > 2:
+        y[t + 2, r] += scale * sx[t + 2] * (visum(a2) + visum(e2))
+    if n > 3:
+        y[t + 3, r] += scale * sx[t + 3] * (visum(a3) + visum(e3))
 
 
 @numba.njit(inline="always")
@@ -131,8 +155,8 @@ def chunked_gemv(values, row_start, aux, aux_bits, scales, x_in, lanes, width, b
                             c0_, c1 = _fma_pair(v0, v1, v2, v3, x, j + 2 * width, c0_, c1)
                         if n > 3:
                             d0, d1 = _fma_pair(v0, v1, v2, v3, x, j + 3 * width, d0, d1)
-                    _add(y, t, r, n, scale, vsum(vadd(vadd(a0, a1), vadd(a2, a3))), vsum(vadd(b0, b1)),
-                         vsum(vadd(c0_, c1)), vsum(vadd(d0, d1)))
+                    _add(y, t, r, n, scale, vadd(vadd(a0, a1), vadd(a2, a3)), vadd(b0, b1), vadd(c0_, c1),
+                         vadd(d0, d1))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -165,7 +189,7 @@ def csr_gemv(values, row_start, indices, scales, x, y, ahead, groups):  # pragma
                         a2 = vfma(v, vgather(x, (t + 2) * width, indices, k, count), a2)
                     if n > 3:
                         a3 = vfma(v, vgather(x, (t + 3) * width, indices, k, count), a3)
-                _add(y, t, r, n, scale, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+                _add(y, t, r, n, scale, a0, a1, a2, a3)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -189,22 +213,22 @@ def chunked_gemv_u8(values, row_start, aux, aux_bits, scales, sums, x_in, width,
                 for t in range(0, batch, TILE):
                     n = min(TILE, batch - t)
                     a0 = vizero()
-                    a1, a2, a3 = a0, a0, a0
+                    a1, a2, a3, e0, e1, e2, e3 = a0, a0, a0, a0, a0, a0, a0
                     p = row_start[k, r]
                     word = first_word + r * n_chunks
-                    for c in range(n_chunks):
+                    j = t * width + c0 * CHUNK
+                    # two chunks a step into two sets of accumulators: the 5-cycle vpdpbusd latency would
+                    # otherwise bound batch 1
+                    for c in range(0, n_chunks - 1, 2):
                         prefetch(values, p + ahead)
                         w, p = decode_chunk_bytes(values, p, aux, aux_bits, word + c)
-                        j = t * width + (c0 + c) * CHUNK  # Σ xq[t, j'] q[r, j'] over the chunk's 64 columns
-                        a0 = vdot_u8i8(a0, xq, j, w)
-                        if n > 1:
-                            a1 = vdot_u8i8(a1, xq, j + width, w)
-                        if n > 2:
-                            a2 = vdot_u8i8(a2, xq, j + 2 * width, w)
-                        if n > 3:
-                            a3 = vdot_u8i8(a3, xq, j + 3 * width, w)
-                    _add(y, t, r, n, scales[r], sx[t] * visum(a0), sx[t + 1] * visum(a1), sx[t + 2] * visum(a2),
-                         sx[t + 3] * visum(a3))
+                        a0, a1, a2, a3 = _dot_tile(a0, a1, a2, a3, xq, j + c * CHUNK, width, w, n)
+                        w, p = decode_chunk_bytes(values, p, aux, aux_bits, word + c + 1)
+                        e0, e1, e2, e3 = _dot_tile(e0, e1, e2, e3, xq, j + (c + 1) * CHUNK, width, w, n)
+                    if n_chunks % 2:
+                        w, p = decode_chunk_bytes(values, p, aux, aux_bits, word + n_chunks - 1)
+                        a0, a1, a2, a3 = _dot_tile(a0, a1, a2, a3, xq, j + (n_chunks - 1) * CHUNK, width, w, n)
+                    _add_int(y, t, r, n, scales[r], sx, a0, e0, a1, e1, a2, e2, a3, e3)
         for r in range(r0, r1):
             for b in range(batch):  # the zero-point term
                 y[b, r] -= scales[r] * sx[b] * np.float32(zero[b] * sums[r])

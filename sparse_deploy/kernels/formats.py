@@ -7,7 +7,7 @@ Every format holds a weight W [rows, cols] in one of three value types:
 - ``int8``: symmetric per-row quantization, W[r] ≈ scales[r] · q[r] with q in [-127, 127].
 
 Columns are padded with zeros to a multiple of 64 (one kernel step, one mask word) and cut into column blocks
-of ``block_cols`` (1024 by default): block k holds columns [k·block_cols, (k+1)·block_cols) of every row and is
+of ``block_cols`` (1024 by default, 4096 for int8): block k holds columns [k·block_cols, (k+1)·block_cols) of every row and is
 stored whole before block k + 1, row after row. A kernel works through one block at a time, so the slice of x
 it multiplies by stays in the L1 cache even at batch 8, while each thread still streams one contiguous range
 of values per block. ``row_start[k, r]`` (the popcount prefix, for the bitmask) is where row r's values of
@@ -27,7 +27,9 @@ ValueType = Literal["fp32", "bf16", "int8"]
 VALUE_TYPES: tuple[ValueType, ...] = ("fp32", "bf16", "int8")
 STORAGE = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 CHUNK = 64  # columns per mask word and per kernel step
-BLOCK_COLS = 1024  # columns per block: x [8, 1024] float32 is 32 KiB, inside a 48 KiB L1
+# columns per block, so that the x a block multiplies stays in a 48 KiB L1: float32 x [4, 1024] is 16 KiB; int8
+# weights multiply uint8 x, and [4, 4096] is 16 KiB (fewer, longer blocks save per-row work)
+BLOCK_COLS = {"fp32": 1024, "bf16": 1024, "int8": 4096}
 PAD = 64  # spare zero values after packed arrays: vector reads near the end stay inside the array
 ALIGN = 64  # bytes
 MAX_CSR_COLS = 1 << 16  # column indices are uint16
@@ -175,7 +177,9 @@ def _packed(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_block_cols(block_cols: int) -> int:
+def _check_block_cols(block_cols: int | None, dtype: str) -> int:
+    if block_cols is None:
+        return BLOCK_COLS.get(dtype, 1024)
     if isinstance(block_cols, bool) or not isinstance(block_cols, (int, np.integer)) or block_cols <= 0 or \
             block_cols % CHUNK:
         raise InvalidInputError(f"block_cols must be a positive multiple of {CHUNK}, got {block_cols!r}")
@@ -231,23 +235,23 @@ def _nm_slab(slab):
     return np.take_along_axis(groups, kept, axis=2), np.full(rows, slab.shape[1] // 2), meta
 
 
-def encode_dense(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> DenseMatrix:
-    block_cols = _check_block_cols(block_cols)
+def encode_dense(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int | None = None) -> DenseMatrix:
+    block_cols = _check_block_cols(block_cols, dtype)
     stored, scales = quantize(W, dtype)
     values, row_start, _ = _encode_blocks(stored, block_cols, _dense_slab)
     return DenseMatrix(stored.shape, dtype, block_cols, values, row_start, scales, row_sums(stored))
 
 
-def encode_bitmask(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> BitmaskMatrix:
-    block_cols = _check_block_cols(block_cols)
+def encode_bitmask(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int | None = None) -> BitmaskMatrix:
+    block_cols = _check_block_cols(block_cols, dtype)
     stored, scales = quantize(W, dtype)
     values, row_start, masks = _encode_blocks(stored, block_cols, _bitmask_slab)
     return BitmaskMatrix(stored.shape, dtype, block_cols, values, row_start, scales, row_sums(stored), masks)
 
 
-def encode_nm(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> NMMatrix:
+def encode_nm(W: np.ndarray, dtype: ValueType = "fp32", block_cols: int | None = None) -> NMMatrix:
     """2:4: every aligned group of four columns must hold at most two nonzeros (after rounding to dtype)."""
-    block_cols = _check_block_cols(block_cols)
+    block_cols = _check_block_cols(block_cols, dtype)
     stored, scales = quantize(W, dtype)
     rows, cols = stored.shape
     if cols % 4:
@@ -277,7 +281,7 @@ def encode_csr(W: np.ndarray, dtype: ValueType = "fp32") -> CSRMatrix:
 ENCODERS = {"dense": encode_dense, "bitmask": encode_bitmask, "2:4": encode_nm, "csr": encode_csr}
 
 
-def encode(W: np.ndarray, format: str, dtype: ValueType = "fp32", block_cols: int = BLOCK_COLS) -> EncodedMatrix:
+def encode(W: np.ndarray, format: str, dtype: ValueType = "fp32", block_cols: int | None = None) -> EncodedMatrix:
     """Encode W [rows, cols] in ``format`` (dense, bitmask, 2:4 or csr) with ``dtype`` values. CSR is one block."""
     if format not in ENCODERS:
         raise InvalidInputError(f"format {format!r} is not supported; use one of {', '.join(ENCODERS)}")

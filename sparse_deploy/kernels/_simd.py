@@ -299,7 +299,8 @@ def vgather(typingctx, x, base, indices, index, count):
 
     def codegen(context, builder, sig, args):
         xs, b, idx, i, n = args
-        iptr = builder.bitcast(_data_ptr(context, builder, sig.args[2], idx, i), ir.VectorType(_I16, LANES).as_pointer())
+        iptr = builder.bitcast(_data_ptr(context, builder, sig.args[2], idx, i),
+                               ir.VectorType(_I16, LANES).as_pointer())
         cols = builder.zext(builder.load(iptr, align=2), ir.VectorType(_I64, LANES))
         start = builder.ptrtoint(_data_ptr(context, builder, sig.args[0], xs, b), _I64)
         first = builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), start,

@@ -7,10 +7,10 @@ Every format holds a weight W [rows, cols] in one of three value types:
 - ``int8``: symmetric per-row quantization, W[r] ≈ scales[r] · q[r] with q in [-127, 127].
 
 Columns are padded with zeros to a multiple of 64 (one kernel step, one mask word) and cut into column blocks
-of ``block_cols`` (1024 by default, 4096 for int8): block k holds columns [k·block_cols, (k+1)·block_cols) of every row and is
-stored whole before block k + 1, row after row. A kernel works through one block at a time, so the slice of x
-it multiplies by stays in the L1 cache even at batch 8, while each thread still streams one contiguous range
-of values per block. ``row_start[k, r]`` (the popcount prefix, for the bitmask) is where row r's values of
+of ``block_cols`` (1024 by default, 4096 for int8): block k holds columns [k·block_cols, (k+1)·block_cols) of
+every row and is stored whole before block k + 1, row after row. A kernel works through one block at a time, so
+the slice of x it multiplies by stays in the L1 cache, while each thread still streams one contiguous range of
+values per block. ``row_start[k, r]`` (the popcount prefix, for the bitmask) is where row r's values of
 block k begin, so any thread can start at any row of any block. Arrays start on a 64-byte boundary.
 """
 

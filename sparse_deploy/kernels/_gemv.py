@@ -112,6 +112,13 @@ def _row_range(g, groups, rows):  # pragma: no cover - compiled
     return g * rows // groups, (g + 1) * rows // groups
 
 
+@numba.njit(inline="always")
+def _block(k, block_chunks, chunks, rows):  # pragma: no cover - compiled
+    """Column block k: (its first chunk, its number of chunks, the mask word of its row 0, chunk 0)."""
+    c0 = k * block_chunks
+    return c0, min(block_chunks, chunks - c0), rows * c0
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def chunked_gemv(values, row_start, aux, aux_bits, scales, x_in, lanes, width, block_chunks, y, ahead,
                  groups):  # pragma: no cover - compiled
@@ -130,9 +137,7 @@ def chunked_gemv(values, row_start, aux, aux_bits, scales, x_in, lanes, width, b
         r0, r1 = _row_range(g, groups, rows)
         y[:, r0:r1] = 0.0
         for k in range(row_start.shape[0]):
-            c0 = k * block_chunks
-            n_chunks = min(block_chunks, chunks - c0)
-            first_word = rows * c0  # mask word of (block k, row 0, chunk 0)
+            c0, n_chunks, first_word = _block(k, block_chunks, chunks, rows)
             for r in range(r0, r1):
                 scale = scales[r] if scales.size else np.float32(1.0)
                 for t in range(0, batch, TILE):
@@ -206,9 +211,7 @@ def chunked_gemv_u8(values, row_start, aux, aux_bits, scales, sums, x_in, width,
         r0, r1 = _row_range(g, groups, rows)
         y[:, r0:r1] = 0.0
         for k in range(row_start.shape[0]):
-            c0 = k * block_chunks
-            n_chunks = min(block_chunks, chunks - c0)
-            first_word = rows * c0
+            c0, n_chunks, first_word = _block(k, block_chunks, chunks, rows)
             for r in range(r0, r1):
                 for t in range(0, batch, TILE):
                     n = min(TILE, batch - t)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -349,13 +350,18 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    # numba's OpenMP workers sleep between calls instead of spinning: on these 2-vCPU VMs, shared with other
+    # work, the default spin-then-sleep policy measured 5-10x slower calls at 2 threads (a worker waiting for
+    # its core); set OMP_WAIT_POLICY yourself to override
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     numba.set_num_threads(args.threads)
     check_kernels()
     copy_gbps, read_gbps = bandwidth(args.threads)
     filler = np.ones(96 << 20, np.float32)  # 384 MiB, more than the 260 MB L3 of the host CPU
     args.evict = (lambda: _read_all(filler, args.threads)) if args.cold else None
     print(f"# {machine_info(('numba', 'onnxruntime', 'numpy')).describe()}; {args.threads} threads "
-          f"(numba {numba.threading_layer()} and ONNX Runtime intra-op); copy {copy_gbps:.1f} GB/s "
+          f"(numba {numba.threading_layer()} with OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, ONNX Runtime "
+          f"intra-op); copy {copy_gbps:.1f} GB/s "
           f"(read + write, 1 thread), read {read_gbps:.1f} GB/s ({args.threads} threads); "
           f"{'cold: caches evicted before each call' if args.cold else 'warm: weights may sit in L3'}")
     print(f"{'shape':>12} {'sparsity':>8} {'format':>7} {'dtype':>5} {'b':>2} {'dense_ms':>9} {'(dense impl)':>19} "

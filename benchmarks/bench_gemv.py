@@ -99,6 +99,7 @@ def timed(fns: dict[str, callable], rounds: int, budget_s: float, evict=None) ->
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(0.02)  # let the previous function's idle threads stop spinning
             fn()
             for _ in range(runs[name]):
                 if evict is not None:
@@ -117,11 +118,15 @@ def p90_ms(ts: list[float]) -> float:
     return float(np.percentile(ts, 90)) * 1e3
 
 
-def session(model, threads: int) -> ort.InferenceSession:
+def session(model, threads: int, spinning: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session. spinning (ORT's default) keeps idle pool threads busy-waiting for a while
+    after each run, which slows whatever runs next on the other vCPU: timed() pauses before switching functions,
+    and the hybrid's segments run without it."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -130,7 +135,7 @@ def model(nodes, inits, inputs, outputs, opsets=(("", 20),)):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=10)
 
 
-def ort_dense(W: np.ndarray, dtype: str, threads: int):
+def ort_dense(W: np.ndarray, dtype: str, threads: int, spinning: bool = True):
     """y = x · Wᵀ as ONNX Runtime runs it: MatMul (fp32) or DynamicQuantizeMatMul with per-row scales (int8)."""
     rows, cols = W.shape
     io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cols])],
@@ -143,7 +148,7 @@ def ort_dense(W: np.ndarray, dtype: str, threads: int):
         m = model([helper.make_node("DynamicQuantizeMatMul", ["x", "B", "s", "z"], ["y"], domain="com.microsoft")],
                   [numpy_helper.from_array(np.ascontiguousarray(q.T), "B"), numpy_helper.from_array(scales, "s"),
                    numpy_helper.from_array(np.zeros(rows, np.int8), "z")], *io, opsets=(("", 20), ("com.microsoft", 1)))
-    return session(m, threads)
+    return session(m, threads, spinning)
 
 
 def pruned(rows: int, cols: int, sparsity: float | str, seed: int = 0) -> np.ndarray:
@@ -194,12 +199,13 @@ def bench_shape(rows: int, cols: int, args) -> list[GemvTiming]:
     cases = kernel_cases(args.sparsities, args.formats)
     weights = {s: pruned(rows, cols, s, seed=rows + cols) for s in {s for s, _ in cases}}
     dense_W = weights[cases[0][0]]  # dense baselines multiply the first pruned matrix (zeros cost them nothing)
-    ort_fp32 = ort_dense(dense_W, "fp32", args.threads)
+    ort_fp32 = ort_dense(dense_W, "fp32", args.threads, args.ort_spinning)
     rng = np.random.default_rng(1)
     for dtype in args.dtypes:
         mats = {case: encode(weights[case[0]], case[1], dtype) for case in cases}
         if dtype == "int8":
-            base, impl, base_bytes = ort_dense(dense_W, "int8", args.threads), "ort-dqmm-int8", dense_W.size + 8 * rows
+            base, impl = ort_dense(dense_W, "int8", args.threads, args.ort_spinning), "ort-dqmm-int8"
+            base_bytes = dense_W.size + 8 * rows
         elif dtype == "bf16":
             base, impl = encode(dense_W, "dense", "bf16"), "kernels-dense-bf16"
             base_bytes = base.nbytes
@@ -293,7 +299,7 @@ def split_at_matmuls(m, matmuls: dict) -> list[tuple[str, object]]:
 def bench_hybrid(d: int, blocks: int, threads: int, rounds: int, budget: float) -> list[HybridTiming]:
     full_model, matmuls = decoder_blocks(d, blocks)
     full = session(full_model, threads)
-    steps = [(kind, (session(s[0], threads), s[1], s[2]) if kind == "ort" else s)
+    steps = [(kind, (session(s[0], threads, spinning=False), s[1], s[2]) if kind == "ort" else s)
              for kind, s in split_at_matmuls(full_model, matmuls)]
     x = np.random.default_rng(3).standard_normal((1, d), dtype=np.float32)
     final = full_model.graph.output[0].name
@@ -334,6 +340,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS, help="numba and ONNX Runtime")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per function and case")
+    p.add_argument("--no-ort-spinning", dest="ort_spinning", action="store_false",
+                   help="ONNX Runtime's idle pool threads sleep instead of spinning")
     p.add_argument("--cold", action="store_true", help="evict the caches (read 384 MiB) before every timed call")
     p.add_argument("--json", default=None, help="write the measurements as a JSON list here")
     p.add_argument("--no-hybrid", action="store_true")
@@ -361,7 +369,7 @@ def main() -> None:
     args.evict = (lambda: _read_all(filler, args.threads)) if args.cold else None
     print(f"# {machine_info(('numba', 'onnxruntime', 'numpy')).describe()}; {args.threads} threads "
           f"(numba {numba.threading_layer()} with OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, ONNX Runtime "
-          f"intra-op); copy {copy_gbps:.1f} GB/s "
+          f"intra-op, spinning {'on' if args.ort_spinning else 'off'}); copy {copy_gbps:.1f} GB/s "
           f"(read + write, 1 thread), read {read_gbps:.1f} GB/s ({args.threads} threads); "
           f"{'cold: caches evicted before each call' if args.cold else 'warm: weights may sit in L3'}")
     print(f"{'shape':>12} {'sparsity':>8} {'format':>7} {'dtype':>5} {'b':>2} {'dense_ms':>9} {'(dense impl)':>19} "

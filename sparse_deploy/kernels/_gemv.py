@@ -5,7 +5,9 @@ contiguous range of packed values while that block's slice of x sits in L1. Insi
 once per tile of up to four batch rows; the first batch row of a tile keeps four accumulators (one FMA chain
 per decoded vector, so the 4-cycle FMA latency never limits batch 1), the others two each. Software prefetch
 runs ``ahead`` values in front of the decode: on the 2-vCPU VMs this project measures on, the hardware
-prefetcher alone left one core at ~8 GB/s, and a 16 KiB lead raised it to ~17 GB/s.
+prefetcher alone left one core at ~8 GB/s, and a 16 KiB lead raised it to ~17 GB/s. int8 weights have their
+own kernel (chunked_gemv_u8): x is quantized to uint8 once per call and each chunk is one expand of 64 bytes
+and one uint8 · int8 dot product per batch row.
 """
 
 from __future__ import annotations

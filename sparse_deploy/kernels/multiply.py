@@ -1,4 +1,4 @@
-"""y = x · Wᵀ for an encoded W: input checks, the copy of x the kernels read, and the kernel call."""
+"""y = x · Wᵀ for an encoded W: the checks on x and out, and the choice of kernel."""
 
 from __future__ import annotations
 

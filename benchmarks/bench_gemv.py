@@ -41,6 +41,10 @@ from sparse_deploy.kernels._simd import prefetch, vadd, vload, vsum, vzero
 from sparse_deploy.machine import machine_info
 
 DEFAULT_SHAPES = "768x768,3072x768,768x3072,4096x4096,11008x4096,4096x11008"
+# the hybrid's ONNX Runtime segments (LayerNorm, Gelu, Add on one token) run on one thread without spinning:
+# too small to split; with 2 intra-op threads, a second pool waking and sleeping beside numba's made each
+# boundary cost 190-220 us instead of 33-61 us (d = 64, 2 threads)
+SEGMENT_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,7 @@ def split_at_matmuls(m, matmuls: dict) -> list[tuple[str, object]]:
 def bench_hybrid(d: int, blocks: int, threads: int, rounds: int, budget: float) -> list[HybridTiming]:
     full_model, matmuls = decoder_blocks(d, blocks)
     full = session(full_model, threads)
-    steps = [(kind, (session(s[0], threads, spinning=False), s[1], s[2]) if kind == "ort" else s)
+    steps = [(kind, (session(s[0], SEGMENT_THREADS, spinning=False), s[1], s[2]) if kind == "ort" else s)
              for kind, s in split_at_matmuls(full_model, matmuls)]
     x = np.random.default_rng(3).standard_normal((1, d), dtype=np.float32)
     final = full_model.graph.output[0].name

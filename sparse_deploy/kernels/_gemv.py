@@ -109,9 +109,12 @@ def _add_int(y, t, r, n, scale, sx, a0, e0, a1, e1, a2, e2, a3, e3):  # pragma: 
 
 
 @numba.njit(inline="always")
-def _row_range(g, groups, rows):  # pragma: no cover - compiled
-    """Rows [r0, r1) of thread group g."""
-    return g * rows // groups, (g + 1) * rows // groups
+def _own_rows(y, g, groups):  # pragma: no cover - compiled
+    """Rows [r0, r1) of thread group g, with y[:, r0:r1] zeroed for the kernel to add into."""
+    rows = y.shape[1]
+    r0, r1 = g * rows // groups, (g + 1) * rows // groups
+    y[:, r0:r1] = 0.0
+    return r0, r1
 
 
 @numba.njit(inline="always")
@@ -136,8 +139,7 @@ def chunked_gemv(values, row_start, aux, aux_bits, scales, x_in, lanes, width, b
     rows = y.shape[1]
     chunks = width // CHUNK
     for g in numba.prange(groups):
-        r0, r1 = _row_range(g, groups, rows)
-        y[:, r0:r1] = 0.0
+        r0, r1 = _own_rows(y, g, groups)
         for k in range(row_start.shape[0]):
             c0, n_chunks, first_word = _block(k, block_chunks, chunks, rows)
             for r in range(r0, r1):
@@ -175,8 +177,7 @@ def csr_gemv(values, row_start, indices, scales, x, y, ahead, groups):  # pragma
     batch, width = x.shape
     rows = y.shape[1]
     for g in numba.prange(groups):
-        r0, r1 = _row_range(g, groups, rows)
-        y[:, r0:r1] = 0.0
+        r0, r1 = _own_rows(y, g, groups)
         for r in range(r0, r1):
             scale = scales[r] if scales.size else np.float32(1.0)
             start, end = row_start[0, r], row_start[0, r + 1]
@@ -210,8 +211,7 @@ def chunked_gemv_u8(values, row_start, aux, aux_bits, scales, sums, x_in, width,
     rows = y.shape[1]
     chunks = width // CHUNK
     for g in numba.prange(groups):
-        r0, r1 = _row_range(g, groups, rows)
-        y[:, r0:r1] = 0.0
+        r0, r1 = _own_rows(y, g, groups)
         for k in range(row_start.shape[0]):
             c0, n_chunks, first_word = _block(k, block_chunks, chunks, rows)
             for r in range(r0, r1):

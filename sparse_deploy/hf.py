@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,9 +17,15 @@ from sparse_deploy.adapters import Adapter, adapter_for
 from sparse_deploy.errors import ModelLoadError, UnsupportedModelError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot")
-# written by save_pretrained, or (README.md: the dense model's card) not true of the pruned model
-_NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md"}
+# What travels from a model folder into a pruned checkpoint or an export besides what save_pretrained writes:
+# tokenizer files, sentence-transformers settings (and the module folders modules.json names), the manifest, and
+# remote code. Everything else (weights, the dense model's card, data files that happen to sit there) stays behind.
+_SIDE_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+    "chat_template.jinja", "preprocessor_config.json", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "sparse_deploy.json",
+}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -64,6 +71,7 @@ def load_config(source: str, trust_remote_code: bool = False):
 
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
     """The model (weights in the checkpoint's dtype, on the CPU, in eval mode) and its adapter."""
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = load_config(source, trust_remote_code)
@@ -73,7 +81,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
         model = auto.from_pretrained(
             source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load the weights of {source}: {_first_line(exc)}") from None
     if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModelError(f"{source} has {model.dtype} weights; sparse-deploy prunes float models")
@@ -102,20 +110,28 @@ def max_context(config) -> int | None:
 
 
 def copy_side_files(source: str, target: Path) -> None:
-    """Copy what a local model folder has beside its weights and config (tokenizer, sentence-transformers
-    files such as modules.json and 1_Pooling/), so the pruned folder works wherever the original did."""
+    """Copy what a local model folder has beside its weights and config that the model needs to be used (see
+    ``_SIDE_FILES``; sentence-transformers module folders such as 1_Pooling/; ``*.py`` remote code), so the
+    pruned folder works wherever the original did. Files already in ``target`` are kept."""
     folder = Path(source)
     if not folder.is_dir():
         return
     for item in folder.iterdir():
-        if item.name.startswith(".") or item.name in _NOT_COPIED or item.name.endswith(_WEIGHT_SUFFIXES):
-            continue
-        if item.is_dir():
-            if item.name in ("onnx", "openvino"):  # exported copies of the dense weights
-                continue
-            shutil.copytree(item, target / item.name, dirs_exist_ok=True)
-        elif not (target / item.name).exists():
+        if item.is_file() and (item.name in _SIDE_FILES or item.suffix == ".py") and not (target / item.name).exists():
             shutil.copy2(item, target / item.name)
+    for name in _module_folders(folder):
+        shutil.copytree(folder / name, target / name, dirs_exist_ok=True)
+
+
+def _module_folders(folder: Path) -> list[str]:
+    """The sub-folders a sentence-transformers modules.json refers to (e.g. 1_Pooling, 2_Normalize)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return [p for p in paths if isinstance(p, str) and p and "/" not in p and p not in (".", "..")
+            and (folder / p).is_dir()]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -148,6 +148,9 @@ class PruneConfig:
                 re.compile(self.skip)
             except re.error as exc:
                 raise ConfigError(f"--skip {self.skip!r} is not a valid regular expression: {exc}") from None
+        if self.method == "sparsegpt" and self.spec.is_nm and self.solver.blocksize % self.spec.m:
+            raise ConfigError(f"blocksize {self.solver.blocksize} must be a multiple of m={self.spec.m} for the "
+                              f"{self.spec} pattern")
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,8 @@ class ExportConfig:
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not 11 <= self.opset <= 30):
-            raise ConfigError(f"opset must be an integer from 11 up to the installed onnx's newest, got {self.opset!r}")
+                                       or not 14 <= self.opset <= 30):
+            raise ConfigError(f"opset must be an integer from 14 (the first with Trilu, which causal masks need) up to the installed onnx's newest, got {self.opset!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:
             raise ConfigError(f"min_sparsity must be in (0, 1], got {self.min_sparsity!r}; 0.25 is the default")
         if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance <= 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +61,21 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextmanager
+def _stderr_discarded() -> Iterator[None]:
+    """Send what is written to file descriptor 2 (C++ and Python alike) to /dev/null for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -130,7 +147,7 @@ def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> Path:
     if opset is not None and opset > onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
     try:
-        with quiet_libraries():
+        with quiet_libraries(), _stderr_discarded():  # torch.onnx prints the whole TorchScript graph on failures
             onnx_export_from_model(
                 source.model, folder, task=source.task, opset=opset, do_validation=False, device="cpu"
             )

@@ -119,6 +119,8 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     tokenizer = load_tokenizer(source)
     text = load_text(config.dataset, "test", config.max_chars)
     if adapter.kind == "decoder":
+        if config.reference is not None:
+            raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
         seqlen = default_seqlen(net.config, config.seqlen)
         result: Perplexity = perplexity(net, tokenize(tokenizer, text), seqlen, batch_size=config.batch_size,
                                         device=device, progress=progress)
@@ -143,7 +145,12 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     from sparse_deploy.data.perplexity import nll_sum, summarise, windows_of
     from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed as onnx_embed
 
+    if config.device == "cuda":
+        raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
+                          "checkpoint folders only")
     exported = ExportedModel(folder)
+    if exported.info.kind == "decoder" and config.reference is not None:
+        raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
     tokenizer = load_tokenizer(str(folder))
     text = load_text(config.dataset, "test", config.max_chars)
     if exported.info.kind == "decoder":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparse_deploy.errors import SparseDeployError
 from sparse_deploy.hf import load_model, load_tokenizer, resolve_source
 from sparse_deploy.inspection import weight_files
 from sparse_deploy.machine import peak_rss_bytes
@@ -66,5 +67,8 @@ def measure_torch(folder: str | Path, config: BenchConfig) -> ModelBench:
 
 
 if __name__ == "__main__":
-    result = measure_torch(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    try:
+        result = measure_torch(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    except SparseDeployError as exc:  # one line for the parent to report
+        sys.exit(str(exc))
     print(json.dumps(asdict(result), default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))

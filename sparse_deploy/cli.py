@@ -7,6 +7,7 @@ with the error's exit code (2 for bad input or settings, 1 for failures).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -40,6 +41,19 @@ def reported() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.secho("interrupted; nothing was written", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
+
+
+def _writable_file(path: Optional[Path], option: str) -> None:
+    """Refuse, before a long run, a --json/--plot path whose folder is missing or cannot be written."""
+    if path is None:
+        return
+    folder = path.expanduser().resolve().parent
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file path")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{option} {path}: folder {folder} is not writable")
 
 
 def _version(value: bool) -> None:
@@ -111,6 +125,7 @@ def eval_(
 ) -> None:
     """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
     with reported():
+        _writable_file(json_path, "--json")
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
                             device=device)  # type: ignore[arg-type]
         report = api.evaluate(model, config)
@@ -154,7 +169,7 @@ def bench(
     baseline: Optional[Path] = typer.Option(None, help="A dense export of the same model, for the ratios."),
     torch_baseline: Optional[Path] = typer.Option(None, help="A checkpoint folder to time under PyTorch eager."),
     prompt_len: int = typer.Option(128, help="Prompt tokens (decoders)."),
-    new_tokens: int = typer.Option(64, help="Tokens to generate per run (decoders)."),
+    new_tokens: int = typer.Option(64, help="Tokens to generate per run (decoders; at least 2)."),
     batch: int = typer.Option(1, help="Sequences per run (decoders)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
     runs: int = typer.Option(5, help="Timed runs after one warm-up run."),
@@ -166,6 +181,8 @@ def bench(
         from sparse_deploy.report import format_comparison, plot_comparison
         from sparse_deploy.runtime.bench import BenchConfig, benchmark
 
+        _writable_file(json_path, "--json")
+        _writable_file(plot, "--plot")
         config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs)
         comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
@@ -229,7 +246,7 @@ def export_command(
         help="int8: per-output-channel symmetric int8 weights after pruning, run on ONNX Runtime's integer "
              "kernels (faster on CPUs; the accuracy cost is reported, not enforced).",
     ),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset; default: the exporter's for the model."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it is not empty."),
 ) -> None:
     """Export a pruned checkpoint to ONNX with sparse-encoded weights, checked against torch on real tokens.

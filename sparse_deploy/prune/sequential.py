@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig, SolverConfig
+from sparse_deploy.errors import ConfigError
 from sparse_deploy.prune.baselines import magnitude, wanda
 from sparse_deploy.prune.hessian import HessianAccumulator
 from sparse_deploy.prune.solver import PruneResult, resolve_device, sparsify
@@ -60,6 +61,12 @@ def prune_sequential(
     compute_dtype = torch.float32 if device.type == "cpu" else model.dtype  # CPU kernels want fp32
     names = {module: name for name, module in model.named_modules()}
     skip = re.compile(config.skip) if config.skip else None
+    if skip:
+        prunable = [names[block.get_submodule(n)] for block in adapter.blocks(model)
+                    for group in adapter.groups for n in group]
+        if all(skip.search(name) for name in prunable):
+            raise ConfigError(f"--skip {config.skip!r} matches all {len(prunable)} linear layers; nothing would be "
+                              f"pruned (names look like {prunable[0]!r})")
 
     with torch.no_grad():
         captured = _capture_first_inputs(model, adapter, windows, device, compute_dtype)

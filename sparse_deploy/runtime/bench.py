@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_deploy.errors import ConfigError, RuntimeSessionError
+from sparse_deploy.errors import ConfigError, RuntimeSessionError, SparseDeployError
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,12 @@ class BenchConfig:
     warmup: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("prompt_len", "new_tokens", "batch", "runs"):
+        for name in ("prompt_len", "batch", "runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.new_tokens < 2:
+            raise ConfigError(f"new-tokens must be >= 2 (the prefill makes the first token, decode latency is timed "
+                              f"on the rest), got {self.new_tokens}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
@@ -243,7 +246,10 @@ def benchmark(model: str | Path, *, baseline: str | Path | None = None, torch_ba
 
 def _main() -> None:
     """Worker: ``python -m sparse_deploy.runtime.bench FOLDER CONFIG_JSON`` prints the ModelBench as JSON."""
-    result = measure_onnx(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    try:
+        result = measure_onnx(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    except SparseDeployError as exc:  # one line for the parent to report
+        sys.exit(str(exc))
     print(json.dumps(asdict(result)))
 
 

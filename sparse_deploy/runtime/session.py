@@ -139,13 +139,15 @@ def _open_staged(onnx_file: Path, config: SessionConfig) -> ort.InferenceSession
     import shutil
     import tempfile
 
+    from google.protobuf.message import DecodeError
+
     from sparse_deploy.export.sparse_encoding import write_dense
 
     staging = Path(tempfile.mkdtemp(prefix="sparse-deploy-dense-"))
     try:
         try:
             dense = write_dense(onnx_file, staging)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, DecodeError) as exc:
             raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
         return open_session(dense, config)
     finally:

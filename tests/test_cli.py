@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tiny_models import make_tiny
@@ -38,6 +39,7 @@ def one_line_error(result, code: int, text: str):
         (["--method", "obs"], "sparsegpt, wanda or magnitude"),
         (["--skip", "("], "not a valid regular expression"),
         (["--device", "tpu"], "auto, cpu or cuda"),
+        (["--pattern", "2:4", "--blocksize", "6"], "multiple of m=4"),
     ],
 )
 def test_bad_settings(tiny_opt, tmp_path, extra, text):
@@ -78,6 +80,11 @@ def test_inspect_and_eval_errors(tmp_path, tiny_opt):
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a safetensors file")
     one_line_error(run("inspect", tmp_path / "broken"), 2, "not a readable safetensors file")
     one_line_error(run("eval", tiny_opt, "--dataset", tmp_path / "missing.txt"), 2, "neither a file")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_opt, truncated)
+    (truncated / "model.safetensors").write_bytes((tiny_opt / "model.safetensors").read_bytes()[:50])
+    one_line_error(run("prune", truncated, "-o", tmp_path / "out"), 2, "could not load the weights")
+    one_line_error(run("eval", truncated, "--dataset", tmp_path / "missing.txt"), 2, "could not load the weights")
 
 
 def test_help_explains_options():
@@ -85,3 +92,16 @@ def test_help_explains_options():
     assert result.exit_code == 0
     for option in ("--pattern", "--calibration", "--true-sequential", "--skip", "--force"):
         assert option in result.output
+
+
+def test_settings_that_would_waste_a_run_are_refused(tiny_opt, tmp_path, calib_text):
+    one_line_error(run("prune", tiny_opt, "-o", tmp_path / "out", "--calibration", calib_text, "--nsamples", 2,
+                       "--seqlen", 16, "--skip", ".*"), 2, "matches all 12 linear layers")
+    (tmp_path / "file.txt").write_text("x")
+    one_line_error(run("prune", tiny_opt, "-o", tmp_path / "file.txt" / "out"), 2, "is not a folder")
+    one_line_error(run("eval", tiny_opt, "--dataset", calib_text, "--json", tmp_path / "missing" / "x.json"), 2,
+                   "does not exist")
+    one_line_error(run("eval", tiny_opt, "--dataset", calib_text, "--reference", tiny_opt), 2,
+                   "--reference applies to encoders")
+    one_line_error(run("bench", tiny_opt, "--new-tokens", 1), 2, "new-tokens must be >= 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -1,3 +1,7 @@
+import json
+import os
+import stat
+
 import pytest
 
 from sparse_deploy.checkpoint import LayerRecord, Manifest, read_manifest, write_manifest
@@ -34,6 +38,27 @@ def test_non_empty_output_needs_force(tmp_path):
             pass
 
 
+def test_outputs_that_cannot_become_a_folder_are_refused_up_front(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for bad, match in ((".", "current folder"), (tmp_path.parent, "current folder"),
+                       (tmp_path / "file" / "out", "is not a folder")):
+        with pytest.raises(OutputExistsError, match=match):
+            with staged_output(bad, force=True):
+                raise AssertionError("no work may start")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_result_folder_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with staged_output(tmp_path / "result") as stage:
+            (stage / "a.txt").write_text("a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "result").stat().st_mode) == 0o755
+
+
 def test_manifest_round_trip_and_corrupt_file(tmp_path):
     manifest = Manifest(
         model={"source": "x", "model_type": "opt"}, method="sparsegpt", sparsity=None, pattern="2:4",
@@ -49,3 +74,23 @@ def test_manifest_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "sparse_deploy.json").write_text("{not json")
     with pytest.raises(InvalidInputError, match="re-run prune"):
         read_manifest(tmp_path)
+
+
+def test_side_files_are_the_ones_a_model_needs(tmp_path):
+    from sparse_deploy.hf import copy_side_files
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    (source / "1_Pooling").mkdir(parents=True)
+    (source / "1_Pooling" / "config.json").write_text("{}")
+    (source / "notes").mkdir()
+    (source / "modules.json").write_text(json.dumps([{"idx": 0, "path": ""}, {"idx": 1, "path": "1_Pooling"}]))
+    for name in ("tokenizer.json", "vocab.txt", "modeling_custom.py", "calib.txt", "README.md",
+                 "pytorch_model.bin.index.json", "model.safetensors", "train_info.json"):
+        (source / name).write_text(name)
+    target.mkdir()
+    (target / "tokenizer.json").write_text("written by save_pretrained")
+    copy_side_files(str(source), target)
+    assert sorted(p.name for p in target.iterdir()) == ["1_Pooling", "modeling_custom.py", "modules.json",
+                                                        "tokenizer.json", "vocab.txt"]
+    assert (target / "tokenizer.json").read_text() == "written by save_pretrained"
+    assert (target / "1_Pooling" / "config.json").exists()

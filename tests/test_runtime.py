@@ -111,6 +111,9 @@ def test_bad_runtime_input(tiny, tmp_path):
     (tmp_path / "corrupt" / "model.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(RuntimeSessionError, match="could not load"):
         ExportedModel(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "export.json").write_text('{"settings": {"encoding": "packed"}}')
+    with pytest.raises(RuntimeSessionError, match="could not decode the packed weights"):
+        ExportedModel(tmp_path / "corrupt")
     _, bert_dir = tiny("bert")
     with pytest.raises(RuntimeSessionError, match="encoder export; this needs a decoder"):
         generate(ExportedModel(bert_dir), "hello")

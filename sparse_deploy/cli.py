@@ -73,7 +73,10 @@ def main(
 def prune(
     model: str = typer.Argument(..., help="A local Hugging Face model folder, or a hub id when online."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the pruned checkpoint."),
-    method: str = typer.Option("sparsegpt", help="sparsegpt, wanda or magnitude."),
+    method: str = typer.Option(
+        "sparsegpt", help="sparsegpt, wanda or magnitude. All three read calibration text: wanda scores with it, "
+        "magnitude uses it to record each layer's reconstruction error."
+    ),
     sparsity: Optional[float] = typer.Option(None, help="Unstructured fraction to prune, in [0, 1) [default: 0.5]."),
     pattern: Optional[str] = typer.Option(None, help="n:m pattern instead of --sparsity, e.g. 2:4 or 4:8."),
     calibration: str = typer.Option(
@@ -82,9 +85,9 @@ def prune(
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per window [default: min(2048, model context)]."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
-    blocksize: int = typer.Option(128, help="Columns per SparseGPT block."),
-    percdamp: float = typer.Option(0.01, help="Hessian damping as a fraction of its mean diagonal."),
-    sweep: str = typer.Option("auto", help="Column sweep: auto (numba on CPU, torch on CUDA), numba or torch."),
+    blocksize: int = typer.Option(128, help="Columns per block (sparsegpt only)."),
+    percdamp: float = typer.Option(0.01, help="Hessian damping as a fraction of its mean diagonal (sparsegpt only)."),
+    sweep: str = typer.Option("auto", help="Column sweep: auto (numba on CPU, torch on CUDA), numba or torch (sparsegpt only)."),
     seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
     skip: Optional[str] = typer.Option(None, help="Regex of linear-layer names to leave dense."),
     true_sequential: bool = typer.Option(

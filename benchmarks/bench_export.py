@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from sparse_deploy.config import SparsitySpec  # noqa: E402
 from sparse_deploy.machine import machine_info  # noqa: E402
 from sparse_deploy.prune import magnitude  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
 VARIANTS = {
     "dense": ExportConfig(encoding="dense"),
     "coo": ExportConfig(encoding="coo"),

@@ -118,9 +118,8 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     net.to(device)
     tokenizer = load_tokenizer(source)
     text = load_text(config.dataset, "test", config.max_chars)
+    _check_reference(adapter.kind, config)
     if adapter.kind == "decoder":
-        if config.reference is not None:
-            raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
         seqlen = default_seqlen(net.config, config.seqlen)
         result: Perplexity = perplexity(net, tokenize(tokenizer, text), seqlen, batch_size=config.batch_size,
                                         device=device, progress=progress)
@@ -138,6 +137,11 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
                       sentences=len(sentences), reference=config.reference)
 
 
+def _check_reference(kind: str, config: EvalConfig) -> None:
+    if kind == "decoder" and config.reference is not None:
+        raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
+
+
 def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalReport:
     """The same protocols through ONNX Runtime: logits of whole windows, or mean-pooled embeddings."""
     from tqdm.auto import tqdm
@@ -149,8 +153,7 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
         raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
                           "checkpoint folders only")
     exported = ExportedModel(folder)
-    if exported.info.kind == "decoder" and config.reference is not None:
-        raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
+    _check_reference(exported.info.kind, config)
     tokenizer = load_tokenizer(str(folder))
     text = load_text(config.dataset, "test", config.max_chars)
     if exported.info.kind == "decoder":

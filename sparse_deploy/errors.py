@@ -6,6 +6,12 @@ The CLI prints the message on one line and exits with the class's ``exit_code``.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class SparseDeployError(Exception):
     """Base class for every error sparse-deploy raises on purpose."""
 

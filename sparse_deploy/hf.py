@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparse_deploy.adapters import Adapter, adapter_for
-from sparse_deploy.errors import ModelLoadError, UnsupportedModelError
+from sparse_deploy.errors import ModelLoadError, UnsupportedModelError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What travels from a model folder into a pruned checkpoint or an export besides what save_pretrained writes:
@@ -66,7 +66,7 @@ def load_config(source: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not read the model config of {source}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read the model config of {source}: {first_line(exc)}") from None
 
 
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
@@ -82,7 +82,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
             source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ModelLoadError(f"could not load the weights of {source}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not load the weights of {source}: {first_line(exc)}") from None
     if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModelError(f"{source} has {model.dtype} weights; sparse-deploy prunes float models")
     model.eval()
@@ -96,7 +96,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load a tokenizer from {source}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not load a tokenizer from {source}: {first_line(exc)}") from None
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
     return tokenizer
 
@@ -132,8 +132,3 @@ def _module_folders(folder: Path) -> list[str]:
     paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
     return [p for p in paths if isinstance(p, str) and p and "/" not in p and p not in (".", "..")
             and (folder / p).is_dir()]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

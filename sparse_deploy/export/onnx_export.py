@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from sparse_deploy.checkpoint import Manifest, read_manifest
-from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError
+from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
 
 DECODER_TASK = "text-generation-with-past"
@@ -78,11 +78,6 @@ def _stderr_discarded() -> Iterator[None]:
         os.close(saved)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def choose_task(config: Any) -> str:
     """text-generation-with-past for causal LMs, feature-extraction for encoders; UnsupportedModelError otherwise."""
     import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
@@ -124,16 +119,16 @@ def load_source(folder: str | Path) -> SourceModel:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except ValueError as exc:
         raise UnsupportedModelError(f"{folder}/config.json names an architecture transformers does not know: "
-                                    f"{_first_line(exc)}") from exc
+                                    f"{first_line(exc)}") from exc
     except (OSError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{folder}/config.json could not be read: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{folder}/config.json could not be read: {first_line(exc)}") from exc
     task = choose_task(config)
     loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
     try:
         with quiet_libraries():
             model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"the weights in {folder} could not be loaded: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"the weights in {folder} could not be loaded: {first_line(exc)}") from exc
     model.eval()
     model.config._name_or_path = str(folder)  # keeps optimum's preprocessor lookup local
     architecture = (config.architectures or [type(model).__name__])[0]
@@ -152,7 +147,7 @@ def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> Path:
                 source.model, folder, task=source.task, opset=opset, do_validation=False, device="cpu"
             )
     except Exception as exc:  # optimum and torch.onnx raise many types; report them as one
-        raise ExportError(f"the ONNX export of {source.architecture} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"the ONNX export of {source.architecture} failed: {first_line(exc)}") from exc
     path = folder / MODEL_FILE
     if not path.is_file():
         raise ExportError(f"the exporter wrote no {MODEL_FILE} into {folder}")

@@ -20,10 +20,10 @@ import onnx
 
 from sparse_deploy import __version__
 from sparse_deploy.config import ExportConfig
-from sparse_deploy.errors import ExportError
+from sparse_deploy.errors import ExportError, first_line
 from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
 from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
-from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, plan
+from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
@@ -111,10 +111,6 @@ class ExportReport:
         }
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _check(path: Path, full: bool) -> str:
     """The ONNX checker on the file (so external data works too), with full shape inference where it applies:
     ONNX types a sparse_initializer as sparse_tensor, which the shape inference of MatMul/Gemm rejects, so
@@ -122,7 +118,7 @@ def _check(path: Path, full: bool) -> str:
     try:
         onnx.checker.check_model(str(path), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the written model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"the written model fails the ONNX checker: {first_line(exc)}") from exc
     return "full" if full else "structural"
 
 
@@ -218,7 +214,7 @@ def export(
             model = encode(converted.model, records)
             sources, quantized, untied = converted.sources, converted.quantized, converted.untied
             del converted  # the unencoded model
-            opset = _opset(model)
+            opset = opset_version(model)
             step(4)
             files = save_model(model, stage / MODEL_FILE)
             del model

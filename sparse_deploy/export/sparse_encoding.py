@@ -320,7 +320,8 @@ class _Builder:
         self.node("Reshape", [flat, self.const(f"{name}.packed.shape", np.array([rows, cols], np.int64))], name)
 
 
-def _opset(model: onnx.ModelProto) -> int:
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (0 when it imports none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
@@ -333,7 +334,7 @@ def encode(
     out.CopyFrom(model)
     if not chosen:
         return out
-    opset = _opset(out)
+    opset = opset_version(out)
     if opset < PACKED_MIN_OPSET and "packed" in chosen.values():
         raise ExportError(f"the packed encoding needs opset >= {PACKED_MIN_OPSET}, the model has {opset}")
     builder = _Builder()

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from sparse_deploy.errors import ConfigError, RuntimeSessionError
+from sparse_deploy.errors import ConfigError, RuntimeSessionError, first_line
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 _LEVELS = {
@@ -77,8 +77,7 @@ def open_session(path: str | Path, config: SessionConfig = SessionConfig()) -> o
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(config.providers))
     except ORT_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeSessionError(f"ONNX Runtime could not load {path}: {message}") from None
+        raise RuntimeSessionError(f"ONNX Runtime could not load {path}: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,13 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
     start = time.perf_counter()
     model = str(model)
     output = Path(output)
-    check_output(output, force)  # before any slow work
+    check_output(output, force, inputs=[model])  # before any slow work
     source = resolve_source(model)
     net, adapter = load_model(source, config.trust_remote_code)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     seqlen = default_seqlen(net.config, config.calibration.seqlen)
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
-    with staged_output(output, force) as stage:
+    with staged_output(output, force, inputs=[model]) as stage:
         report = prune_sequential(net, adapter, windows, config, progress=progress)
         net.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)

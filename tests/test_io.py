@@ -28,6 +28,10 @@ def test_non_empty_output_needs_force(tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         with staged_output(out):
             pass
+    with pytest.raises(OutputExistsError, match="not written by sparse-deploy"):
+        with staged_output(out, force=True):
+            raise AssertionError("no work may start")
+    (out / "export.json").write_text("{}")
     with staged_output(out, force=True) as stage:
         (stage / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]

@@ -131,7 +131,7 @@ class _Converted:
     untied: tuple[str, ...]
 
 
-def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
+def _convert(source, model: onnx.ModelProto, quantize: str, tmp_dir: Path | None = None) -> _Converted:
     """Name the weights after their torch parameters and quantize them if asked (Gemm weights become MatMul
     weights [in, out] first, so the names are taken after that step)."""
     untied: tuple[str, ...] = ()
@@ -143,7 +143,7 @@ def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
     if quantize != "int8":
         return _Converted(model, sources, frozenset(pruned), (), untied)
-    result = quantize_int8(model, untied)
+    result = quantize_int8(model, untied, tmp_dir=tmp_dir)
     sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
     pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
@@ -189,7 +189,7 @@ def export(
 
     config = config or ExportConfig()
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[checkpoint])
     start = time.perf_counter()
     bar = tqdm(total=len(_STEPS), unit="step", disable=not progress, leave=False)
 
@@ -200,12 +200,12 @@ def export(
     try:
         step(0)
         source = load_source(checkpoint)
-        with staged_output(output, force) as stage:
+        with staged_output(output, force, inputs=[checkpoint]) as stage:
             raw = stage / ".raw"
             step(1)
             exported = onnx.load(str(export_onnx(source, raw, config.opset)))
             step(2)
-            converted = _convert(source, exported, config.quantize)
+            converted = _convert(source, exported, config.quantize, stage)
             del exported
             step(3)
             records = plan(converted.model, config.encoding, min_sparsity=config.min_sparsity,
@@ -228,7 +228,7 @@ def export(
             )
             parity = check_parity(
                 files[0], source.model, ids, decoder=source.decoder, input_source=input_source,
-                tolerance=None if config.quantize == "int8" else config.tolerance,
+                tolerance=None if config.quantize == "int8" else config.tolerance, work_dir=stage,
             )
             report = ExportReport(
                 output=output, files={p.name: p.stat().st_size for p in files}, task=source.task,

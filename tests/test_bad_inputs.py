@@ -1,0 +1,122 @@
+"""Bad inputs, one case per test: each exits non-zero with one line and no traceback, leaves nothing behind and
+never touches the input. Also: no foreign code runs without --trust-remote-code, and no wrong number is printed
+with exit 0."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import make_tiny
+from typer.testing import CliRunner
+
+from sparse_deploy.cli import app
+from sparse_deploy.io import remove_stale_stages, staged_output
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny OPT model folder; tests must not change it (``fingerprint`` checks that)."""
+    return make_tiny("opt", tmp_path_factory.mktemp("bad") / "opt")
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, text: str, code: int | None = None) -> str:
+    """Exit non-zero, one line starting with ``error:`` that holds ``text``, and no traceback."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --- 1. --force never destroys an input ---------------------------------------------------------------------
+
+def test_prune_onto_its_own_input_is_refused(tiny):
+    before = fingerprint(tiny)
+    one_line_error(run("prune", tiny, "-o", tiny, "--force"), "is the input", 2)
+    assert fingerprint(tiny) == before
+
+
+def test_prune_onto_a_folder_holding_the_input_is_refused(tiny):
+    before = fingerprint(tiny)
+    one_line_error(run("prune", tiny, "-o", tiny.parent, "--force"), "or holds it", 2)
+    assert fingerprint(tiny) == before
+
+
+def test_export_onto_the_parent_of_its_input_is_refused(tiny):
+    before = fingerprint(tiny)
+    one_line_error(run("export", tiny, "-o", tiny.parent, "--force"), "or holds it", 2)
+    assert fingerprint(tiny) == before
+
+
+def test_output_inside_the_input_is_refused(tiny):
+    one_line_error(run("export", tiny, "-o", tiny / "onnx"), "lies inside the input", 2)
+    assert not (tiny / "onnx").exists()
+
+
+def test_output_reaching_the_input_through_a_symlink_is_refused(tiny, tmp_path):
+    before = fingerprint(tiny)
+    (tmp_path / "link").symlink_to(tiny, target_is_directory=True)
+    one_line_error(run("prune", tiny, "-o", tmp_path / "link", "--force"), "is the input", 2)
+    assert fingerprint(tiny) == before
+
+
+def test_force_replaces_only_folders_sparse_deploy_wrote(tiny, tmp_path):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"\xff\xd8")
+    one_line_error(run("prune", tiny, "-o", mine, "--force"), "not written by sparse-deploy", 2)
+    assert [p.name for p in mine.iterdir()] == ["holiday.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+# --- 2. no stale stages ----------------------------------------------------------------------------------------
+
+_STAGE_AND_HANG = """
+import sys, time
+from sparse_deploy.io import staged_output
+with staged_output(sys.argv[1]) as stage:
+    (stage / "half.bin").write_bytes(b"x" * 1000)
+    print(stage.name, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_run_leaves_a_recognisable_stage_that_the_next_run_removes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _STAGE_AND_HANG, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        name = proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert name.startswith(f".out.sparse-deploy-partial-{proc.pid}-"), name
+    assert [p.name for p in tmp_path.iterdir()] == [name], "SIGKILL leaves the stage"
+    live = tmp_path / f".other.sparse-deploy-partial-{os.getpid()}-abc"
+    live.mkdir()  # a running process's stage is never touched
+    with staged_output(tmp_path / "next") as stage:
+        (stage / "ok").write_text("ok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "next"])
+    assert remove_stale_stages(tmp_path) == []

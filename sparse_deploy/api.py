@@ -75,7 +75,7 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
         report = prune_sequential(net, adapter, windows, config, progress=progress)
         net.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        copy_side_files(source, stage)
+        copy_side_files(source, stage, config.trust_remote_code)
         pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in report.linears)
         prunable = sum(r.shape[0] * r.shape[1] for r in report.linears)
         manifest = Manifest(
@@ -111,12 +111,12 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     if (Path(model) / "model.onnx").exists():
         return _evaluate_onnx(Path(model), config, progress)
     source = resolve_source(str(model))
-    net, adapter = load_model(source)
+    net, adapter = load_model(source, config.trust_remote_code)
     device = resolve_device(config.device)
     if device.type == "cpu":
         net = net.float()
     net.to(device)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
     text = load_text(config.dataset, "test", config.max_chars)
     _check_reference(adapter.kind, config)
     if adapter.kind == "decoder":
@@ -127,7 +127,7 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
                           nll=result.nll, tokens=result.tokens, windows=result.windows)
     if config.reference is None:
         raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
-    reference, _ = load_model(resolve_source(config.reference))
+    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
     reference = (reference.float() if device.type == "cpu" else reference).to(device)
     sentences = sentences_of(text)
     max_length = config.seqlen or 128
@@ -174,7 +174,7 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     sentences = sentences_of(text)
     max_length = config.seqlen or 128
     ours = torch.from_numpy(onnx_embed(exported, sentences, max_length=max_length))
-    reference, _ = load_model(resolve_source(config.reference))
+    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
     theirs = embed(reference.float(), tokenizer, sentences, max_length=max_length)
     return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference, backend="onnxruntime")

@@ -30,6 +30,12 @@ app = typer.Typer(
 )
 
 
+TRUST_HELP = ("Let transformers run the Python code a model folder ships (auto_map in its config). Off by default: "
+              "read that code first.")
+FORCE_HELP = ("Replace the output folder when sparse-deploy wrote it (it holds sparse_deploy.json or export.json); "
+              "never an input or another folder.")
+
+
 @contextmanager
 def reported() -> Iterator[None]:
     """Turn a SparseDeployError into a one-line message and a non-zero exit."""
@@ -93,8 +99,8 @@ def prune(
     true_sequential: bool = typer.Option(
         False, "--true-sequential", help="Prune attention inputs, attention output, MLP in, MLP out in turn."
     ),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads."""
     with reported():
@@ -125,12 +131,13 @@ def eval_(
     reference: Optional[str] = typer.Option(None, help="Encoders: the dense model to compare embeddings with."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
     with reported():
         _writable_file(json_path, "--json")
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
-                            device=device)  # type: ignore[arg-type]
+                            device=device, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
         report = api.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
@@ -250,7 +257,8 @@ def export_command(
              "kernels (faster on CPUs; the accuracy cost is reported, not enforced).",
     ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it is not empty."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Export a pruned checkpoint to ONNX with sparse-encoded weights, checked against torch on real tokens.
 
@@ -261,7 +269,8 @@ def export_command(
         from sparse_deploy.config import ExportConfig
         from sparse_deploy.export import export
 
-        config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset)
+        config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
+                              trust_remote_code=trust_remote_code)
         report = export(checkpoint, output, config, force=force, progress=True)
         encoded = report.encoded
         typer.echo(f"wrote {report.output} ({_mb(report.model_bytes)} of model files, {report.task})")

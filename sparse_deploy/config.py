@@ -159,6 +159,7 @@ class EvalConfig:
     ``batch_size`` None means windows of about 4096 tokens per forward pass.
 
     For encoders, ``reference`` names the model whose embeddings the evaluated model is compared with.
+    ``trust_remote_code`` lets transformers run a model's own Python code (``auto_map``); off unless asked for.
     """
 
     dataset: str = "wikitext2"
@@ -167,6 +168,7 @@ class EvalConfig:
     batch_size: int | None = None
     reference: str | None = None
     device: Device = "auto"
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -200,6 +202,7 @@ class ExportConfig:
     ``tolerance``: the largest fp32 logit difference allowed, relative to the largest logit magnitude.
     ``validation_text``: text the parity check tokenizes; None uses a built-in English paragraph.
     ``validation_tokens``: how many tokens of it are compared (prompt plus one cached decoding step for decoders).
+    ``trust_remote_code``: let transformers run the checkpoint's own Python code (``auto_map``); off unless asked.
     """
 
     encoding: ExportEncoding = "packed"
@@ -209,6 +212,7 @@ class ExportConfig:
     tolerance: float = 1e-3
     validation_text: str | None = None
     validation_tokens: int = 32
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.encoding not in EXPORT_ENCODINGS:

@@ -43,7 +43,8 @@ def one_line_error(result, text: str, code: int | None = None) -> str:
     if code is not None:
         assert result.exit_code == code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line.split("\r")[-1] for line in result.output.split("\n")]  # a cleared progress bar ends with \r
+    lines = [line for line in lines if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
     assert "Traceback" not in result.output
     return lines[0]
@@ -120,3 +121,66 @@ def test_a_killed_run_leaves_a_recognisable_stage_that_the_next_run_removes(tmp_
         (stage / "ok").write_text("ok")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "next"])
     assert remove_stale_stages(tmp_path) == []
+
+
+# --- 3. no foreign code -----------------------------------------------------------------------------------------
+
+_REMOTE_CONFIG = """
+from pathlib import Path
+Path(__file__).with_name("RAN").write_text("configuration_x.py ran")
+from transformers import PretrainedConfig
+class XConfig(PretrainedConfig):
+    model_type = "xcustom"
+"""
+
+
+@pytest.fixture()
+def remote_code_model(tiny, tmp_path):
+    """A model folder whose config names its own code (auto_map); importing that code writes ``RAN``."""
+    import json
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="xcustom", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                  "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_x.py").write_text(_REMOTE_CONFIG)
+    (folder / "modeling_x.py").write_text("from .configuration_x import XConfig\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", [["prune", "-o", "{out}"], ["export", "-o", "{out}"], ["eval"]])
+def test_remote_code_never_runs_without_the_flag(remote_code_model, tmp_path, command, calib_text):
+    args = [a.format(out=tmp_path / "out") for a in command]
+    extra = ["--calibration", calib_text] if command[0] == "prune" else (
+        ["--dataset", calib_text] if command[0] == "eval" else [])
+    one_line_error(run(args[0], remote_code_model, *args[1:], *extra), "--trust-remote-code", 2)
+    assert not (remote_code_model / "RAN").exists() and not (tmp_path / "out").exists()
+
+
+def test_remote_code_files_travel_only_when_trusted_and_named(remote_code_model, tmp_path):
+    from sparse_deploy.hf import copy_side_files
+
+    (remote_code_model / "unrelated.py").write_text("raise SystemExit")
+    for trusted, expected in ((False, set()), (True, {"configuration_x.py", "modeling_x.py"})):
+        target = tmp_path / f"copy-{trusted}"
+        target.mkdir()
+        copy_side_files(str(remote_code_model), target, trust_remote_code=trusted)
+        assert {p.name for p in target.glob("*.py")} == expected
+
+
+def test_inspect_refuses_a_pickle_that_would_run_code(tmp_path):
+    import pickle
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'RAN'}",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    one_line_error(run("inspect", folder), "convert it to safetensors", 2)
+    assert not (tmp_path / "RAN").exists()

@@ -149,7 +149,7 @@ def _convert(source, model: onnx.ModelProto, quantize: str, tmp_dir: Path | None
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
 
 
-def _gather_side_files(raw: Path, checkpoint: Path, stage: Path) -> None:
+def _gather_side_files(raw: Path, checkpoint: Path, stage: Path, trust_remote_code: bool = False) -> None:
     """What the exporter wrote beside its model (config, generation config, tokenizer), then what the checkpoint
     has beside its weights (tokenizer, sparse_deploy.json, sentence-transformers files), then drop the raw export."""
     from sparse_deploy.hf import copy_side_files
@@ -157,7 +157,7 @@ def _gather_side_files(raw: Path, checkpoint: Path, stage: Path) -> None:
     for item in raw.iterdir():
         if not item.name.startswith(MODEL_FILE) and not (stage / item.name).exists():
             shutil.move(str(item), str(stage / item.name))
-    copy_side_files(str(checkpoint), stage)
+    copy_side_files(str(checkpoint), stage, trust_remote_code)
     shutil.rmtree(raw)
 
 
@@ -199,7 +199,7 @@ def export(
 
     try:
         step(0)
-        source = load_source(checkpoint)
+        source = load_source(checkpoint, config.trust_remote_code)
         with staged_output(output, force, inputs=[checkpoint]) as stage:
             raw = stage / ".raw"
             step(1)
@@ -219,7 +219,7 @@ def export(
             files = save_model(model, stage / MODEL_FILE)
             del model
             checker = _check(files[0], full=not any(rec.encoding == "coo" for rec in records))
-            _gather_side_files(raw, source.folder, stage)
+            _gather_side_files(raw, source.folder, stage, config.trust_remote_code)
             step(5)
             hf_config = source.model.config
             ids, input_source = validation_ids(

@@ -60,7 +60,7 @@ def validation_ids(folder: Path, text: str | None, tokens: int, vocab_size: int,
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     if tokenizer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity
 from sparse_deploy.data.similarity import embed, mean_cosine, sentences_of
 from sparse_deploy.data.text import load_text
-from sparse_deploy.errors import ConfigError
+from sparse_deploy.errors import ConfigError, NonFiniteError
 from sparse_deploy.hf import copy_side_files, load_model, load_tokenizer, max_context, resolve_source
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version, peak_rss_bytes
@@ -133,8 +134,16 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     max_length = config.seqlen or 128
     ours = embed(net, tokenizer, sentences, max_length=max_length, device=device)
     theirs = embed(reference, tokenizer, sentences, max_length=max_length, device=device)
-    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference)
+
+
+def _finite_cosine(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    value = float(mean_cosine(ours, theirs))
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the mean cosine is {value}: the embeddings hold NaN or infinite values (a broken "
+                             f"checkpoint or export)")
+    return value
 
 
 def _check_reference(kind: str, config: EvalConfig) -> None:
@@ -147,12 +156,12 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     from tqdm.auto import tqdm
 
     from sparse_deploy.data.perplexity import nll_sum, summarise, windows_of
-    from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed as onnx_embed
+    from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed as onnx_embed
 
     if config.device == "cuda":
         raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
                           "checkpoint folders only")
-    exported = ExportedModel(folder)
+    exported = ExportedModel(folder, SessionConfig(verify=config.verify))
     _check_reference(exported.info.kind, config)
     tokenizer = load_tokenizer(str(folder))
     text = load_text(config.dataset, "test", config.max_chars)
@@ -176,5 +185,5 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     ours = torch.from_numpy(onnx_embed(exported, sentences, max_length=max_length))
     reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
     theirs = embed(reference.float(), tokenizer, sentences, max_length=max_length)
-    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference, backend="onnxruntime")

@@ -32,6 +32,7 @@ app = typer.Typer(
 
 TRUST_HELP = ("Let transformers run the Python code a model folder ships (auto_map in its config). Off by default: "
               "read that code first.")
+NO_VERIFY_HELP = "Open an exported folder without checking its model files against the sha256 in export.json."
 FORCE_HELP = ("Replace the output folder when sparse-deploy wrote it (it holds sparse_deploy.json or export.json); "
               "never an input or another folder.")
 
@@ -47,6 +48,15 @@ def reported() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.secho("interrupted; nothing was written", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """``fraction`` as a percentage with enough digits that only exactly 0 and 1 read as 0% and 100%."""
+    text = f"{fraction:.{digits}%}"
+    while 0 < fraction < 1 and digits < 8 and float(text[:-1]) in (0.0, 100.0):
+        digits += 1
+        text = f"{fraction:.{digits}%}"
+    return text
 
 
 def _writable_file(path: Optional[Path], option: str) -> None:
@@ -113,11 +123,14 @@ def prune(
             skip=skip,
             trust_remote_code=trust_remote_code,
         )
+        if config.spec.target == 0:
+            typer.secho("warning: --sparsity 0 prunes nothing; the checkpoint will hold the input's weights",
+                        err=True, fg=typer.colors.YELLOW)
         report = api.prune(model, output, config, force=force)
         m = report.manifest
         typer.echo(
-            f"pruned {len(m.layers)} linear layers of {model} to {m.totals['sparsity']:.1%} "
-            f"({m.method}, {m.pattern or f'{m.sparsity:.0%} unstructured'}) in {m.time_s:.1f} s, "
+            f"pruned {len(m.layers)} linear layers of {model} to {percent(m.totals['sparsity'])} "
+            f"({m.method}, {m.pattern or f'{config.spec} unstructured'}) in {m.time_s:.1f} s, "
             f"peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB -> {report.output}"
         )
 
@@ -132,12 +145,14 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
     with reported():
         _writable_file(json_path, "--json")
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
-                            device=device, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
+                            device=device, trust_remote_code=trust_remote_code,
+                            verify=not no_verify)  # type: ignore[arg-type]
         report = api.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
@@ -159,17 +174,17 @@ def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> 
         for w in result.weights:
             mark = "" if w.name in pruned else "  (dense)"
             shape = "x".join(map(str, w.shape))
-            typer.echo(f"{w.name:<{width}}  {shape:>13}  {w.sparsity:8.2%}  {w.pattern or '-'}{mark}")
+            typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-'}{mark}")
         chosen = result.pruned()
         params = sum(w.numel for w in chosen)
         zeros = sum(w.zeros for w in chosen)
         typer.echo(f"pruned matrices: {len(chosen)}, {zeros:,} of {params:,} weights zero "
-                   f"({zeros / params if params else 0:.2%})")
+                   f"({percent(zeros / params if params else 0, 2)})")
         typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
-                   f"({result.total_zeros / max(result.total_params, 1):.2%})")
+                   f"({percent(result.total_zeros / max(result.total_params, 1), 2)})")
         if result.manifest:
             m = result.manifest
-            typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity:.0%}'}, calibrated on "
+            typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity * 100:g}%'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
 
 
@@ -185,6 +200,10 @@ def bench(
     runs: int = typer.Option(5, help="Timed runs after one warm-up run."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart here."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Compare with a baseline of another architecture, shape or vocabulary."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
     with reported():
@@ -193,8 +212,10 @@ def bench(
 
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")
-        config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs)
-        comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config)
+        config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs,
+                             verify=not no_verify)
+        comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config,
+                               allow_mismatch=allow_mismatch)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
         if json_path:
             json_path.write_text(json.dumps(comparison.to_json(), indent=1) + "\n")
@@ -209,6 +230,7 @@ def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Greedy continuation of a prompt through ONNX Runtime, with the KV cache."""
     with reported():
@@ -217,7 +239,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        model = ExportedModel(onnx_dir, SessionConfig(threads=threads))
+        model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify))
         typer.echo(prompt + run_generate(model, prompt, max_new_tokens))
 
 

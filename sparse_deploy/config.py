@@ -68,7 +68,7 @@ class SparsitySpec:
         return self.n / self.m if self.is_nm else self.sparsity  # type: ignore[operator,return-value]
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity * 100:g}%"  # 0.999 -> 99.9%, not 100%
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,7 @@ class EvalConfig:
     reference: str | None = None
     device: Device = "auto"
     trust_remote_code: bool = False
+    verify: bool = True  # exported folders: check model files against export.json's sha256 before loading
 
     def __post_init__(self) -> None:
         if not self.dataset:

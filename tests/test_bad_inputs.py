@@ -184,3 +184,101 @@ def test_inspect_refuses_a_pickle_that_would_run_code(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
     one_line_error(run("inspect", folder), "convert it to safetensors", 2)
     assert not (tmp_path / "RAN").exists()
+
+
+# --- 4. no wrong answer with exit 0 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nan_model(tiny, tmp_path_factory):
+    """The tiny model with one NaN in its first MLP weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("nan") / "opt"
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.weight[3, 5] = float("nan")
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (tiny / name).exists():
+            (folder / name).write_bytes((tiny / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("command", ["prune", "export", "eval", "inspect"])
+def test_a_nan_weight_is_named_on_load(nan_model, tmp_path, calib_text, command):
+    extra = {"prune": ["-o", tmp_path / "out", "--calibration", calib_text, "--nsamples", 2, "--seqlen", 16],
+             "export": ["-o", tmp_path / "out"], "eval": ["--dataset", calib_text], "inspect": []}[command]
+    one_line_error(run(command, nan_model, *extra), "layers.0.fc1.weight holds 1 NaN or infinite", 2)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    from sparse_deploy.config import ExportConfig
+    from sparse_deploy.export import export
+
+    return export(tiny, tmp_path_factory.mktemp("exp") / "onnx", ExportConfig(encoding="dense")).output
+
+
+def _copy(folder: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_export_records_sha256_and_a_damaged_model_is_refused(exported, tmp_path):
+    import json
+
+    info = json.loads((exported / "export.json").read_text())
+    from sparse_deploy.integrity import sha256_file
+
+    assert info["sha256"] == {"model.onnx": sha256_file(exported / "model.onnx")}
+    damaged = _copy(exported, tmp_path / "damaged")
+    data = bytearray((damaged / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a weight: loads fine, answers wrong
+    (damaged / "model.onnx").write_bytes(bytes(data))
+    for args in (["generate", damaged, "Hello"], ["eval", damaged, "--dataset", exported / "config.json"],
+                 ["bench", damaged, "--runs", 1, "--new-tokens", 2, "--prompt-len", 4]):
+        one_line_error(run(*args), "does not match the sha256 in export.json", 2)
+    assert run("generate", damaged, "Hello", "--max-new-tokens", 2, "--no-verify").exit_code == 0
+
+
+def test_nan_logits_are_an_error_not_a_perplexity_or_text(exported, tmp_path, calib_text):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    broken = _copy(exported, tmp_path / "broken")
+    model = onnx.load(str(broken / "model.onnx"))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the embedding / LM head
+    values = numpy_helper.to_array(init).copy()
+    values[...] = np.nan
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(model, str(broken / "model.onnx"))
+    one_line_error(run("eval", broken, "--dataset", calib_text, "--seqlen", 32, "--max-chars", 3000, "--no-verify"),
+                   "not a finite number", 1)
+    one_line_error(run("generate", broken, "Hello", "--no-verify"), "NaN or infinite logits", 1)
+
+
+def test_bench_refuses_a_baseline_of_another_model(exported, tmp_path):
+    import json
+
+    other = _copy(exported, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = 50272
+    (other / "config.json").write_text(json.dumps(config))
+    one_line_error(run("bench", exported, "--baseline", other, "--runs", 1), "--allow-mismatch", 2)
+
+
+def test_sparsity_is_never_rounded_to_a_whole_model(tiny, tmp_path, calib_text):
+    from sparse_deploy.cli import percent
+    from sparse_deploy.config import SparsitySpec
+
+    assert percent(0.9995) == "99.95%" and percent(0.5) == "50.0%" and percent(1.0) == "100.0%"
+    assert percent(1e-5, 2) == "0.001%" and percent(0.0) == "0.0%"
+    assert str(SparsitySpec(sparsity=0.999)) == "99.9%"
+    result = run("prune", tiny, "-o", tmp_path / "out", "--sparsity", 0, "--calibration", calib_text,
+                 "--nsamples", 2, "--seqlen", 16, "--method", "magnitude", "--device", "cpu")
+    assert result.exit_code == 0 and "warning: --sparsity 0 prunes nothing" in result.output, result.output

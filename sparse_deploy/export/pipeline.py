@@ -25,6 +25,7 @@ from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_sourc
 from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
+from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
 
@@ -236,7 +237,8 @@ def export(
                 weights=records, sources=sources, quantized=quantized, untied=untied,
                 parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
             )
-            (stage / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
+            info = {**report.to_json(), DIGEST_KEY: file_digests(stage, report.files)}  # verified on open
+            (stage / REPORT_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
             bar.update(len(_STEPS) - bar.n)
     finally:
         bar.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -16,17 +17,41 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from sparse_deploy import __version__, api
 from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
 
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a malformed number, an unknown choice or option) as one ``error:`` line and exit 2, like
+    every other error, instead of a usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) is not None else ""
+            typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Prune Hugging Face models with SparseGPT, export them to sparse ONNX, and measure them on CPUs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[default: ...]" in it is not markup to drop
 )
 
 
@@ -80,7 +105,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, show_default=False,
+                                 help="Print the version and exit."),
 ) -> None:
     """sparse-deploy: one-shot pruning, sparse ONNX export and CPU benchmarks."""
 

@@ -182,6 +182,12 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
 ExportEncoding = Literal["packed", "coo", "dense", "auto"]
 Quantization = Literal["none", "int8"]
 EXPORT_ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense", "auto")
@@ -221,8 +227,10 @@ class ExportConfig:
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not 14 <= self.opset <= 30):
-            raise ConfigError(f"opset must be an integer from 14 (the first with Trilu, which causal masks need) up to the installed onnx's newest, got {self.opset!r}")
+                                       or not 14 <= self.opset <= _newest_opset()):
+            raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "
+                              f"which causal masks need; {_newest_opset()} the installed onnx's newest), got "
+                              f"{self.opset!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:
             raise ConfigError(f"min_sparsity must be in (0, 1], got {self.min_sparsity!r}; 0.25 is the default")
         if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance <= 0:

@@ -282,3 +282,23 @@ def test_sparsity_is_never_rounded_to_a_whole_model(tiny, tmp_path, calib_text):
     result = run("prune", tiny, "-o", tmp_path / "out", "--sparsity", 0, "--calibration", calib_text,
                  "--nsamples", 2, "--seqlen", 16, "--method", "magnitude", "--device", "cpu")
     assert result.exit_code == 0 and "warning: --sparsity 0 prunes nothing" in result.output, result.output
+
+
+# --- 5. one-line errors, also for malformed flags --------------------------------------------------------------
+
+@pytest.mark.parametrize("args,text", [
+    (["prune", "m", "-o", "out", "--sparsity", "abc"], "--sparsity"),
+    (["export", "m", "-o", "out", "--encoding", "zstd"], "'zstd' is not one of"),
+    (["export", "m", "-o", "out", "--opset", "99"], "from 14 to"),
+    (["frobnicate"], "No such command"),
+])
+def test_malformed_flags_give_one_line(args, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run(*args), text, 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_keeps_its_defaults_and_version_is_a_plain_flag():
+    prune_help = run("prune", "--help").output
+    assert "[default: 0.5]" in " ".join(prune_help.split()) and "<bool>" not in prune_help
+    assert "[default: False]" not in run("--help").output

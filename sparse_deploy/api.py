@@ -20,7 +20,7 @@ from sparse_deploy.data.text import load_text
 from sparse_deploy.errors import ConfigError, NonFiniteError
 from sparse_deploy.hf import copy_side_files, load_model, load_tokenizer, max_context, resolve_source
 from sparse_deploy.io import check_output, staged_output
-from sparse_deploy.machine import package_version, peak_rss_bytes
+from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes
 from sparse_deploy.prune.sequential import prune_sequential
 from sparse_deploy.prune.solver import resolve_device
 
@@ -55,8 +55,31 @@ def default_seqlen(config, requested: int | None) -> int:
     if requested is None:
         return min(2048, limit) if limit else 2048
     if limit and requested > limit:
-        raise ConfigError(f"seqlen {requested} exceeds the model's maximum context of {limit} tokens")
+        raise ConfigError(f"--seqlen {requested} is longer than the model's context of {limit} tokens; pass "
+                          f"--seqlen {limit} or less")
     return requested
+
+
+def check_activation_memory(net, config: PruneConfig, seqlen: int) -> None:
+    """Refuse, before calibration, a run whose layer inputs (nsamples x seqlen x hidden, held for the whole run)
+    cannot fit in the memory of the device that holds them."""
+    hidden = next((v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(net.config, k, None),
+                                                                               int)), None)
+    if hidden is None:
+        return
+    device = resolve_device(config.solver.device)
+    dtype = torch.float32 if device.type == "cpu" else net.dtype
+    per_window = seqlen * (hidden * dtype.itemsize + 8)  # activations + the window's int64 token ids
+    needed = config.calibration.nsamples * per_window
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    if available is None or needed <= 0.9 * available:
+        return
+    fits = int(0.9 * available // per_window)
+    raise ConfigError(
+        f"--nsamples {config.calibration.nsamples} x --seqlen {seqlen} needs about {needed / 2**30:.1f} GiB for the "
+        f"layer inputs (x {hidden} hidden, {str(dtype).removeprefix('torch.')}) but {device.type} has "
+        f"{available / 2**30:.1f} GiB free; lower --nsamples to {fits} or less, or --seqlen"
+    )
 
 
 def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConfig(), *, force: bool = False,
@@ -71,6 +94,7 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
     net, adapter = load_model(source, config.trust_remote_code)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     seqlen = default_seqlen(net.config, config.calibration.seqlen)
+    check_activation_memory(net, config, seqlen)
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
     with staged_output(output, force, inputs=[model]) as stage:
         report = prune_sequential(net, adapter, windows, config, progress=progress)
@@ -167,7 +191,11 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     text = load_text(config.dataset, "test", config.max_chars)
     if exported.info.kind == "decoder":
         runner = DecoderRunner(exported)
-        seqlen = config.seqlen or min(2048, exported.info.max_context or 2048)
+        limit = exported.info.max_context
+        if config.seqlen and limit and config.seqlen > limit:
+            raise ConfigError(f"--seqlen {config.seqlen} is longer than the model's context of {limit} tokens; pass "
+                              f"--seqlen {limit} or less")
+        seqlen = config.seqlen or min(2048, limit or 2048)
         windows = windows_of(tokenize(tokenizer, text), seqlen)
         batch = config.batch_size or max(1, 4096 // seqlen)
         total = 0.0

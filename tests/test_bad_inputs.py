@@ -302,3 +302,14 @@ def test_help_keeps_its_defaults_and_version_is_a_plain_flag():
     prune_help = run("prune", "--help").output
     assert "[default: 0.5]" in " ".join(prune_help.split()) and "<bool>" not in prune_help
     assert "[default: False]" not in run("--help").output
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_up_front(tiny, tmp_path, calib_text):
+    line = one_line_error(run("prune", tiny, "-o", tmp_path / "out", "--nsamples", 10**9, "--seqlen", 64,
+                              "--calibration", calib_text, "--device", "cpu"), "lower --nsamples to", 2)
+    assert "GiB" in line and not (tmp_path / "out").exists()
+
+
+def test_a_window_longer_than_the_context_names_the_limit(tiny, exported, calib_text):
+    for folder in (tiny, exported):
+        one_line_error(run("eval", folder, "--dataset", calib_text, "--seqlen", 4096), "pass --seqlen 128 or less", 2)

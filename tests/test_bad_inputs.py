@@ -313,3 +313,18 @@ def test_calibration_that_cannot_fit_in_memory_is_refused_up_front(tiny, tmp_pat
 def test_a_window_longer_than_the_context_names_the_limit(tiny, exported, calib_text):
     for folder in (tiny, exported):
         one_line_error(run("eval", folder, "--dataset", calib_text, "--seqlen", 4096), "pass --seqlen 128 or less", 2)
+
+
+# --- 6. offline datasets ------------------------------------------------------------------------------------
+
+def test_offline_dataset_names_use_a_local_copy_or_say_where_to_put_one(tmp_path, monkeypatch):
+    from sparse_deploy.data.text import load_text
+    from sparse_deploy.errors import CalibrationError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = Title = \n\n Some text . \n")
+    monkeypatch.setenv("SPARSE_DEPLOY_DATA", str(tmp_path))
+    assert "Some text" in load_text("wikitext2", "test")
+    with pytest.raises(CalibrationError, match="SPARSE_DEPLOY_DATA"):
+        load_text("wikitext2", "train")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 from sparse_deploy import (
@@ -35,8 +36,13 @@ EXPORTS = {"dense": ExportConfig(encoding="dense"), "packed": ExportConfig(encod
            "int8": ExportConfig(encoding="packed", quantize="int8")}
 
 
-def say(text: str) -> None:
-    print(f"\n$ {text}", flush=True)
+def say(*args: object) -> None:
+    """The equivalent command line, shell-quoted so that it can be pasted and runs the same step."""
+    print(f"\n$ {shlex.join(str(a) for a in args if a is not None)}", flush=True)
+
+
+def opt(flag: str, value: object) -> list[object]:
+    return [] if value is None else [flag, value]
 
 
 def text_file(*parts: str, fallback: str) -> str:
@@ -47,8 +53,11 @@ def text_file(*parts: str, fallback: str) -> str:
 def run_chain(name: str, source: str, out: Path, prune_config: PruneConfig, eval_config: EvalConfig,
               bench_config: BenchConfig) -> dict:
     pruned = out / f"{name}-pruned"
-    say(f"sparse-deploy prune {source} -o {pruned} --calibration {prune_config.calibration.source} "
-        f"--nsamples {prune_config.calibration.nsamples} --seqlen {prune_config.calibration.seqlen}")
+    spec = prune_config.spec
+    say("sparse-deploy", "prune", source, "-o", pruned, "--method", prune_config.method,
+        *(opt("--pattern", str(spec)) if spec.is_nm else opt("--sparsity", spec.sparsity)),
+        "--calibration", prune_config.calibration.source, "--nsamples", prune_config.calibration.nsamples,
+        *opt("--seqlen", prune_config.calibration.seqlen), "--seed", prune_config.calibration.seed, "--force")
     manifest = prune(source, pruned, prune_config, force=True).manifest
     print(f"{len(manifest.layers)} linear layers at {manifest.totals['sparsity']:.1%} in {manifest.time_s:.1f} s, "
           f"peak RSS {manifest.peak_rss_bytes / 2**30:.2f} GiB")
@@ -56,16 +65,16 @@ def run_chain(name: str, source: str, out: Path, prune_config: PruneConfig, eval
     for variant, config in EXPORTS.items():
         folders[variant] = out / f"{name}-{variant}-onnx"
         origin = source if variant == "dense" else pruned
-        say(f"sparse-deploy export {origin} -o {folders[variant]} --encoding {config.encoding} "
-            f"--quantize {config.quantize}")
+        say("sparse-deploy", "export", origin, "-o", folders[variant], "--encoding", config.encoding,
+            "--quantize", config.quantize, "--force")
         report = export(origin, folders[variant], config, force=True)
         print(f"model.onnx {report.model_bytes / 2**20:.1f} MiB, parity rel. diff {report.parity.rel_diff:.1e}"
               + (f", top-1 agreement {report.parity.top1_agreement:.3f}" if report.parity.top1_agreement else ""))
     accuracy = {}
     for label, folder in (("dense", source), ("pruned (torch)", pruned), ("packed (ONNX Runtime)", folders["packed"]),
                           ("int8+packed (ONNX Runtime)", folders["int8"])):
-        say(f"sparse-deploy eval {folder} --dataset {eval_config.dataset}" +
-            (f" --reference {eval_config.reference}" if eval_config.reference else ""))
+        say("sparse-deploy", "eval", folder, "--dataset", eval_config.dataset, *opt("--seqlen", eval_config.seqlen),
+            *opt("--max-chars", eval_config.max_chars), *opt("--reference", eval_config.reference))
         result = evaluate(folder, eval_config, progress=False)
         accuracy[label] = result.perplexity if result.kind == "perplexity" else result.mean_cosine
         print(f"{label}: {'perplexity' if result.kind == 'perplexity' else 'mean cosine to dense'} "
@@ -73,8 +82,10 @@ def run_chain(name: str, source: str, out: Path, prune_config: PruneConfig, eval
     comparisons = {}
     for variant in ("packed", "int8"):
         plot = out / f"{name}-{variant}-bench.png"
-        say(f"sparse-deploy bench {folders[variant]} --baseline {folders['dense']} --torch-baseline {source} "
-            f"--plot {plot}")
+        say("sparse-deploy", "bench", folders[variant], "--baseline", folders["dense"], "--torch-baseline", source,
+            "--prompt-len", bench_config.prompt_len, "--new-tokens", bench_config.new_tokens,
+            "--batch", bench_config.batch, *opt("--threads", bench_config.threads), "--runs", bench_config.runs,
+            "--plot", plot)
         comparison = benchmark(folders[variant], baseline=folders["dense"], torch_baseline=source,
                                config=bench_config)
         print(format_comparison(comparison, (variant, "dense ONNX", "torch eager")))
@@ -128,7 +139,7 @@ def main() -> None:
             EvalConfig(dataset=str(opt / "val.txt"), seqlen=256, max_chars=100_000),
             bench_config)
         prompt = "import os\n\ndef read_config(path):\n"
-        say(f"sparse-deploy generate {args.out / 'stdlib-opt-packed-onnx'} {prompt!r}")
+        say("sparse-deploy", "generate", args.out / "stdlib-opt-packed-onnx", prompt, "--max-new-tokens", 32)
         from sparse_deploy.runtime import ExportedModel, generate
 
         print(prompt + generate(ExportedModel(args.out / "stdlib-opt-packed-onnx"), prompt, 32))

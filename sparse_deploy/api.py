@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -16,10 +17,10 @@ from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity
 from sparse_deploy.data.similarity import embed, mean_cosine, sentences_of
 from sparse_deploy.data.text import load_text
-from sparse_deploy.errors import ConfigError
+from sparse_deploy.errors import ConfigError, NonFiniteError
 from sparse_deploy.hf import copy_side_files, load_model, load_tokenizer, max_context, resolve_source
 from sparse_deploy.io import check_output, staged_output
-from sparse_deploy.machine import package_version, peak_rss_bytes
+from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes
 from sparse_deploy.prune.sequential import prune_sequential
 from sparse_deploy.prune.solver import resolve_device
 
@@ -54,8 +55,31 @@ def default_seqlen(config, requested: int | None) -> int:
     if requested is None:
         return min(2048, limit) if limit else 2048
     if limit and requested > limit:
-        raise ConfigError(f"seqlen {requested} exceeds the model's maximum context of {limit} tokens")
+        raise ConfigError(f"--seqlen {requested} is longer than the model's context of {limit} tokens; pass "
+                          f"--seqlen {limit} or less")
     return requested
+
+
+def check_activation_memory(net, config: PruneConfig, seqlen: int) -> None:
+    """Refuse, before calibration, a run whose layer inputs (nsamples x seqlen x hidden, held for the whole run)
+    cannot fit in the memory of the device that holds them."""
+    hidden = next((v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(net.config, k, None),
+                                                                               int)), None)
+    if hidden is None:
+        return
+    device = resolve_device(config.solver.device)
+    dtype = torch.float32 if device.type == "cpu" else net.dtype
+    per_window = seqlen * (hidden * dtype.itemsize + 8)  # activations + the window's int64 token ids
+    needed = config.calibration.nsamples * per_window
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    if available is None or needed <= 0.9 * available:
+        return
+    fits = int(0.9 * available // per_window)
+    raise ConfigError(
+        f"--nsamples {config.calibration.nsamples} x --seqlen {seqlen} needs about {needed / 2**30:.1f} GiB for the "
+        f"layer inputs (x {hidden} hidden, {str(dtype).removeprefix('torch.')}) but {device.type} has "
+        f"{available / 2**30:.1f} GiB free; lower --nsamples to {fits} or less, or --seqlen"
+    )
 
 
 def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConfig(), *, force: bool = False,
@@ -65,17 +89,18 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
     start = time.perf_counter()
     model = str(model)
     output = Path(output)
-    check_output(output, force)  # before any slow work
+    check_output(output, force, inputs=[model])  # before any slow work
     source = resolve_source(model)
     net, adapter = load_model(source, config.trust_remote_code)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     seqlen = default_seqlen(net.config, config.calibration.seqlen)
+    check_activation_memory(net, config, seqlen)
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
-    with staged_output(output, force) as stage:
+    with staged_output(output, force, inputs=[model]) as stage:
         report = prune_sequential(net, adapter, windows, config, progress=progress)
         net.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        copy_side_files(source, stage)
+        copy_side_files(source, stage, config.trust_remote_code)
         pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in report.linears)
         prunable = sum(r.shape[0] * r.shape[1] for r in report.linears)
         manifest = Manifest(
@@ -111,12 +136,12 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
     if (Path(model) / "model.onnx").exists():
         return _evaluate_onnx(Path(model), config, progress)
     source = resolve_source(str(model))
-    net, adapter = load_model(source)
+    net, adapter = load_model(source, config.trust_remote_code)
     device = resolve_device(config.device)
     if device.type == "cpu":
         net = net.float()
     net.to(device)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
     text = load_text(config.dataset, "test", config.max_chars)
     _check_reference(adapter.kind, config)
     if adapter.kind == "decoder":
@@ -127,14 +152,22 @@ def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: 
                           nll=result.nll, tokens=result.tokens, windows=result.windows)
     if config.reference is None:
         raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
-    reference, _ = load_model(resolve_source(config.reference))
+    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
     reference = (reference.float() if device.type == "cpu" else reference).to(device)
     sentences = sentences_of(text)
     max_length = config.seqlen or 128
     ours = embed(net, tokenizer, sentences, max_length=max_length, device=device)
     theirs = embed(reference, tokenizer, sentences, max_length=max_length, device=device)
-    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference)
+
+
+def _finite_cosine(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    value = float(mean_cosine(ours, theirs))
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the mean cosine is {value}: the embeddings hold NaN or infinite values (a broken "
+                             f"checkpoint or export)")
+    return value
 
 
 def _check_reference(kind: str, config: EvalConfig) -> None:
@@ -147,18 +180,22 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     from tqdm.auto import tqdm
 
     from sparse_deploy.data.perplexity import nll_sum, summarise, windows_of
-    from sparse_deploy.runtime import DecoderRunner, ExportedModel, embed as onnx_embed
+    from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed as onnx_embed
 
     if config.device == "cuda":
         raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
                           "checkpoint folders only")
-    exported = ExportedModel(folder)
+    exported = ExportedModel(folder, SessionConfig(verify=config.verify))
     _check_reference(exported.info.kind, config)
     tokenizer = load_tokenizer(str(folder))
     text = load_text(config.dataset, "test", config.max_chars)
     if exported.info.kind == "decoder":
         runner = DecoderRunner(exported)
-        seqlen = config.seqlen or min(2048, exported.info.max_context or 2048)
+        limit = exported.info.max_context
+        if config.seqlen and limit and config.seqlen > limit:
+            raise ConfigError(f"--seqlen {config.seqlen} is longer than the model's context of {limit} tokens; pass "
+                              f"--seqlen {limit} or less")
+        seqlen = config.seqlen or min(2048, limit or 2048)
         windows = windows_of(tokenize(tokenizer, text), seqlen)
         batch = config.batch_size or max(1, 4096 // seqlen)
         total = 0.0
@@ -174,7 +211,7 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     sentences = sentences_of(text)
     max_length = config.seqlen or 128
     ours = torch.from_numpy(onnx_embed(exported, sentences, max_length=max_length))
-    reference, _ = load_model(resolve_source(config.reference))
+    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
     theirs = embed(reference.float(), tokenizer, sentences, max_length=max_length)
-    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=mean_cosine(ours, theirs),
+    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
                       sentences=len(sentences), reference=config.reference, backend="onnxruntime")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -16,18 +17,49 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from sparse_deploy import __version__, api
 from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
 
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a malformed number, an unknown choice or option) as one ``error:`` line and exit 2, like
+    every other error, instead of a usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) is not None else ""
+            typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Prune Hugging Face models with SparseGPT, export them to sparse ONNX, and measure them on CPUs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[default: ...]" in it is not markup to drop
 )
+
+
+TRUST_HELP = ("Let transformers run the Python code a model folder ships (auto_map in its config). Off by default: "
+              "read that code first.")
+NO_VERIFY_HELP = "Open an exported folder without checking its model files against the sha256 in export.json."
+FORCE_HELP = ("Replace the output folder when sparse-deploy wrote it (it holds sparse_deploy.json or export.json); "
+              "never an input or another folder.")
 
 
 @contextmanager
@@ -41,6 +73,15 @@ def reported() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.secho("interrupted; nothing was written", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """``fraction`` as a percentage with enough digits that only exactly 0 and 1 read as 0% and 100%."""
+    text = f"{fraction:.{digits}%}"
+    while 0 < fraction < 1 and digits < 8 and float(text[:-1]) in (0.0, 100.0):
+        digits += 1
+        text = f"{fraction:.{digits}%}"
+    return text
 
 
 def _writable_file(path: Optional[Path], option: str) -> None:
@@ -64,7 +105,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, show_default=False,
+                                 help="Print the version and exit."),
 ) -> None:
     """sparse-deploy: one-shot pruning, sparse ONNX export and CPU benchmarks."""
 
@@ -93,8 +135,8 @@ def prune(
     true_sequential: bool = typer.Option(
         False, "--true-sequential", help="Prune attention inputs, attention output, MLP in, MLP out in turn."
     ),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads."""
     with reported():
@@ -107,11 +149,14 @@ def prune(
             skip=skip,
             trust_remote_code=trust_remote_code,
         )
+        if config.spec.target == 0:
+            typer.secho("warning: --sparsity 0 prunes nothing; the checkpoint will hold the input's weights",
+                        err=True, fg=typer.colors.YELLOW)
         report = api.prune(model, output, config, force=force)
         m = report.manifest
         typer.echo(
-            f"pruned {len(m.layers)} linear layers of {model} to {m.totals['sparsity']:.1%} "
-            f"({m.method}, {m.pattern or f'{m.sparsity:.0%} unstructured'}) in {m.time_s:.1f} s, "
+            f"pruned {len(m.layers)} linear layers of {model} to {percent(m.totals['sparsity'])} "
+            f"({m.method}, {m.pattern or f'{config.spec} unstructured'}) in {m.time_s:.1f} s, "
             f"peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB -> {report.output}"
         )
 
@@ -125,12 +170,15 @@ def eval_(
     reference: Optional[str] = typer.Option(None, help="Encoders: the dense model to compare embeddings with."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
     with reported():
         _writable_file(json_path, "--json")
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
-                            device=device)  # type: ignore[arg-type]
+                            device=device, trust_remote_code=trust_remote_code,
+                            verify=not no_verify)  # type: ignore[arg-type]
         report = api.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
@@ -152,17 +200,17 @@ def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> 
         for w in result.weights:
             mark = "" if w.name in pruned else "  (dense)"
             shape = "x".join(map(str, w.shape))
-            typer.echo(f"{w.name:<{width}}  {shape:>13}  {w.sparsity:8.2%}  {w.pattern or '-'}{mark}")
+            typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-'}{mark}")
         chosen = result.pruned()
         params = sum(w.numel for w in chosen)
         zeros = sum(w.zeros for w in chosen)
         typer.echo(f"pruned matrices: {len(chosen)}, {zeros:,} of {params:,} weights zero "
-                   f"({zeros / params if params else 0:.2%})")
+                   f"({percent(zeros / params if params else 0, 2)})")
         typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
-                   f"({result.total_zeros / max(result.total_params, 1):.2%})")
+                   f"({percent(result.total_zeros / max(result.total_params, 1), 2)})")
         if result.manifest:
             m = result.manifest
-            typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity:.0%}'}, calibrated on "
+            typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity * 100:g}%'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
 
 
@@ -178,6 +226,10 @@ def bench(
     runs: int = typer.Option(5, help="Timed runs after one warm-up run."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart here."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Compare with a baseline of another architecture, shape or vocabulary."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
     with reported():
@@ -186,8 +238,10 @@ def bench(
 
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")
-        config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs)
-        comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config)
+        config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs,
+                             verify=not no_verify)
+        comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config,
+                               allow_mismatch=allow_mismatch)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
         if json_path:
             json_path.write_text(json.dumps(comparison.to_json(), indent=1) + "\n")
@@ -202,6 +256,7 @@ def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Greedy continuation of a prompt through ONNX Runtime, with the KV cache."""
     with reported():
@@ -210,7 +265,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        model = ExportedModel(onnx_dir, SessionConfig(threads=threads))
+        model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify))
         typer.echo(prompt + run_generate(model, prompt, max_new_tokens))
 
 
@@ -250,7 +305,8 @@ def export_command(
              "kernels (faster on CPUs; the accuracy cost is reported, not enforced).",
     ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it is not empty."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Export a pruned checkpoint to ONNX with sparse-encoded weights, checked against torch on real tokens.
 
@@ -261,7 +317,8 @@ def export_command(
         from sparse_deploy.config import ExportConfig
         from sparse_deploy.export import export
 
-        config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset)
+        config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
+                              trust_remote_code=trust_remote_code)
         report = export(checkpoint, output, config, force=force, progress=True)
         encoded = report.encoded
         typer.echo(f"wrote {report.output} ({_mb(report.model_bytes)} of model files, {report.task})")

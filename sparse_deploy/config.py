@@ -68,7 +68,7 @@ class SparsitySpec:
         return self.n / self.m if self.is_nm else self.sparsity  # type: ignore[operator,return-value]
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity * 100:g}%"  # 0.999 -> 99.9%, not 100%
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ class EvalConfig:
     ``batch_size`` None means windows of about 4096 tokens per forward pass.
 
     For encoders, ``reference`` names the model whose embeddings the evaluated model is compared with.
+    ``trust_remote_code`` lets transformers run a model's own Python code (``auto_map``); off unless asked for.
     """
 
     dataset: str = "wikitext2"
@@ -167,6 +168,8 @@ class EvalConfig:
     batch_size: int | None = None
     reference: str | None = None
     device: Device = "auto"
+    trust_remote_code: bool = False
+    verify: bool = True  # exported folders: check model files against export.json's sha256 before loading
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -179,6 +182,12 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
 ExportEncoding = Literal["packed", "coo", "dense", "auto"]
 Quantization = Literal["none", "int8"]
 EXPORT_ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense", "auto")
@@ -200,6 +209,7 @@ class ExportConfig:
     ``tolerance``: the largest fp32 logit difference allowed, relative to the largest logit magnitude.
     ``validation_text``: text the parity check tokenizes; None uses a built-in English paragraph.
     ``validation_tokens``: how many tokens of it are compared (prompt plus one cached decoding step for decoders).
+    ``trust_remote_code``: let transformers run the checkpoint's own Python code (``auto_map``); off unless asked.
     """
 
     encoding: ExportEncoding = "packed"
@@ -209,6 +219,7 @@ class ExportConfig:
     tolerance: float = 1e-3
     validation_text: str | None = None
     validation_tokens: int = 32
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.encoding not in EXPORT_ENCODINGS:
@@ -216,8 +227,10 @@ class ExportConfig:
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not 14 <= self.opset <= 30):
-            raise ConfigError(f"opset must be an integer from 14 (the first with Trilu, which causal masks need) up to the installed onnx's newest, got {self.opset!r}")
+                                       or not 14 <= self.opset <= _newest_opset()):
+            raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "
+                              f"which causal masks need; {_newest_opset()} the installed onnx's newest), got "
+                              f"{self.opset!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:
             raise ConfigError(f"min_sparsity must be in (0, 1], got {self.min_sparsity!r}; 0.25 is the default")
         if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance <= 0:

@@ -70,3 +70,8 @@ class RuntimeSessionError(SparseDeployError):
     """An exported model could not be loaded or run under ONNX Runtime."""
 
     exit_code = 2
+
+
+class NonFiniteError(SparseDeployError):
+    """A computed result (perplexity, logits, embeddings) came out NaN or infinite: it is reported, never printed
+    as a number."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from sparse_deploy.adapters import Adapter, adapter_for
-from sparse_deploy.errors import ModelLoadError, UnsupportedModelError, first_line
+from sparse_deploy.errors import InvalidInputError, ModelLoadError, UnsupportedModelError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What travels from a model folder into a pruned checkpoint or an export besides what save_pretrained writes:
@@ -60,13 +61,22 @@ def resolve_source(model: str) -> str:
     return model
 
 
+def remote_code_refused(source: str | Path, exc: BaseException) -> ModelLoadError | None:
+    """The one-line error for transformers refusing a model's own code (trust_remote_code=False), else None."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    return ModelLoadError(f"{source} needs its own Python code to load (auto_map in its config); sparse-deploy runs "
+                          f"it only with --trust-remote-code, so read that code first and pass the flag if you trust it")
+
+
 def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not read the model config of {source}: {first_line(exc)}") from None
+        raise remote_code_refused(source, exc) or ModelLoadError(
+            f"could not read the model config of {source}: {first_line(exc)}") from None
 
 
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
@@ -81,8 +91,10 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
         model = auto.from_pretrained(
             source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ModelLoadError(f"could not load the weights of {source}: {first_line(exc)}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise remote_code_refused(source, exc) or ModelLoadError(
+            f"could not load the weights of {source}: {first_line(exc)}") from None
+    check_finite_weights(model.named_parameters(), source)
     if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModelError(f"{source} has {model.dtype} weights; sparse-deploy prunes float models")
     model.eval()
@@ -96,7 +108,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load a tokenizer from {source}: {first_line(exc)}") from None
+        raise remote_code_refused(source, exc) or ModelLoadError(
+            f"could not load a tokenizer from {source}: {first_line(exc)}") from None
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
     return tokenizer
 
@@ -109,15 +122,57 @@ def max_context(config) -> int | None:
     return None
 
 
-def copy_side_files(source: str, target: Path) -> None:
+def check_finite_weights(named_tensors, source: str | Path) -> None:
+    """Refuse a model with a NaN or infinite value in any floating-point tensor, naming the first such tensor:
+    pruning, exporting or evaluating it would give numbers that mean nothing."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InvalidInputError(f"{source}: weight {name} holds {bad} NaN or infinite values; the checkpoint is "
+                                    f"corrupt or was saved after a diverged run, so use a good copy")
+
+
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+
+
+def remote_code_files(folder: str | Path) -> set[str]:
+    """The ``*.py`` files of ``folder`` that the ``auto_map`` of its config.json or tokenizer_config.json names,
+    with the local modules they import."""
+    folder = Path(folder)
+    wanted: set[str] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        for ref in (auto_map.values() if isinstance(auto_map, dict) else ()):
+            for item in ref if isinstance(ref, list) else [ref]:
+                if isinstance(item, str) and "." in item and "--" not in item:  # "repo--module.Class" is elsewhere
+                    wanted.add(item.rsplit(".", 1)[0] + ".py")
+    found: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        path = folder / name
+        if name in found or "/" in name or not path.is_file():
+            continue
+        found.add(name)
+        for match in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8", errors="replace")):
+            wanted.add((match.group(1) or match.group(2)) + ".py")
+    return found
+
+
+def copy_side_files(source: str, target: Path, trust_remote_code: bool = False) -> None:
     """Copy what a local model folder has beside its weights and config that the model needs to be used (see
-    ``_SIDE_FILES``; sentence-transformers module folders such as 1_Pooling/; ``*.py`` remote code), so the
-    pruned folder works wherever the original did. Files already in ``target`` are kept."""
+    ``_SIDE_FILES``; sentence-transformers module folders such as 1_Pooling/; with ``trust_remote_code``, the
+    ``*.py`` files its ``auto_map`` names), so the pruned folder works wherever the original did. Files already in
+    ``target`` are kept."""
     folder = Path(source)
     if not folder.is_dir():
         return
+    code = remote_code_files(folder) if trust_remote_code else set()
     for item in folder.iterdir():
-        if item.is_file() and (item.name in _SIDE_FILES or item.suffix == ".py") and not (target / item.name).exists():
+        if item.is_file() and (item.name in _SIDE_FILES or item.name in code) and not (target / item.name).exists():
             shutil.copy2(item, target / item.name)
     for name in _module_folders(folder):
         shutil.copytree(folder / name, target / name, dirs_exist_ok=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sparse_deploy.checkpoint import Manifest, read_manifest
-from sparse_deploy.errors import InvalidInputError, ModelLoadError
+from sparse_deploy.hf import check_finite_weights
+from sparse_deploy.errors import InvalidInputError, ModelLoadError, first_line
 
 _CANDIDATE_PATTERNS = ((2, 4), (4, 8), (1, 4))
 
@@ -87,9 +90,16 @@ def _tensors(path: Path):
             raise InvalidInputError(f"{path} is not a readable safetensors file: {exc}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InvalidInputError(f"{path} is a pickle holding more than plain tensors; sparse-deploy does not run "
+                                    f"the code such a file can carry, so convert it to safetensors first") from None
         except (OSError, RuntimeError, EOFError) as exc:
-            raise InvalidInputError(f"{path} is not a readable PyTorch weight file: {exc}") from None
+            raise InvalidInputError(f"{path} is not a readable PyTorch weight file: {first_line(exc)}") from None
+        if not isinstance(state, dict):
+            raise InvalidInputError(f"{path} holds a {type(state).__name__}, not a dictionary of named tensors")
         yield from state.items()
 
 
@@ -101,6 +111,9 @@ def inspect_checkpoint(folder: str | Path) -> Inspection:
     weights = []
     for path in weight_files(folder):
         for name, tensor in _tensors(path):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            check_finite_weights([(name, tensor)], folder)
             if tensor.dim() == 2 and tensor.is_floating_point():
                 zeros = int((tensor == 0).sum())
                 pattern = nm_pattern(tensor) if zeros else None

@@ -230,7 +230,8 @@ def test_cli_exports_and_reports_errors_on_one_line(checkpoints, tmp_path):
     assert "parity" in result.output and (out / "model.onnx").is_file()
     result = runner.invoke(app, ["export", str(checkpoints("gpt2")), "--output", str(out)])
     assert result.exit_code == 2 and "--force" in result.output
-    result = runner.invoke(app, ["export", str(tmp_path), "--output", str(tmp_path / "x")])
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["export", str(tmp_path / "empty"), "--output", str(tmp_path / "x")])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "config.json" in errors[0]
     assert not (tmp_path / "x").exists() and os.listdir(out)

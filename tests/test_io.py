@@ -28,6 +28,10 @@ def test_non_empty_output_needs_force(tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         with staged_output(out):
             pass
+    with pytest.raises(OutputExistsError, match="not written by sparse-deploy"):
+        with staged_output(out, force=True):
+            raise AssertionError("no work may start")
+    (out / "export.json").write_text("{}")
     with staged_output(out, force=True) as stage:
         (stage / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
@@ -90,7 +94,7 @@ def test_side_files_are_the_ones_a_model_needs(tmp_path):
     target.mkdir()
     (target / "tokenizer.json").write_text("written by save_pretrained")
     copy_side_files(str(source), target)
-    assert sorted(p.name for p in target.iterdir()) == ["1_Pooling", "modeling_custom.py", "modules.json",
-                                                        "tokenizer.json", "vocab.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["1_Pooling", "modules.json", "tokenizer.json", "vocab.txt"]
+    # remote code travels only when trusted and named by auto_map (see test_bad_inputs)
     assert (target / "tokenizer.json").read_text() == "written by save_pretrained"
     assert (target / "1_Pooling" / "config.json").exists()

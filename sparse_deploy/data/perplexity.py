@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparse_deploy.errors import CalibrationError
+from sparse_deploy.errors import CalibrationError, NonFiniteError
+
+_MAX_NLL = 700.0  # exp() of more overflows a float
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def summarise(total_nll: float, windows: torch.Tensor) -> Perplexity:
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     mean = total_nll / predicted
+    if not math.isfinite(mean) or mean > _MAX_NLL:
+        raise NonFiniteError(f"the mean negative log-likelihood is {mean:g}, so the perplexity is not a finite number: "
+                             f"the model's outputs are NaN or infinite (a broken checkpoint or export)")
     return Perplexity(math.exp(mean), mean, predicted, windows.shape[0], windows.shape[1])
 
 

@@ -9,6 +9,7 @@ Local files are read as they are, except:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -34,14 +35,36 @@ def load_text(source: str, split: Split, max_chars: int | None = None) -> str:
     return text[:max_chars] if max_chars else text
 
 
+# Local copies used when the hub cannot be reached: only files whose text is exactly the dataset's split as the
+# protocol reads it (wiki.test.raw is the canonical WikiText-2 raw test file; see ../shared/data/README.md).
+_LOCAL_COPIES = {("wikitext2", "test"): "wikitext-2-raw/wiki.test.raw"}
+
+
+def data_dirs() -> list[Path]:
+    """Where local copies of the datasets are looked for: $SPARSE_DEPLOY_DATA, then ../shared/data beside the
+    project folder."""
+    dirs = [Path(os.environ["SPARSE_DEPLOY_DATA"]).expanduser()] if os.environ.get("SPARSE_DEPLOY_DATA") else []
+    return dirs + [Path(__file__).resolve().parents[3] / "shared" / "data"]
+
+
+def local_copy(name: str, split: Split) -> Path | None:
+    relative = _LOCAL_COPIES.get((name, split))
+    return next((d / relative for d in data_dirs() if relative and (d / relative).is_file()), None)
+
+
 def load_documents(name: str, split: Split) -> list[str]:
     """Documents of a Hugging Face dataset (needs network access or a populated datasets cache)."""
     from sparse_deploy.hf import hub_reachable
 
     if not hub_reachable():
+        local = local_copy(name, split)
+        if local is not None:
+            return [_read_path(local)]
+        calibration = [d / "wikitext-2" / "valid.txt" for d in data_dirs() if (d / "wikitext-2" / "valid.txt").is_file()]
+        hint = f"--calibration {calibration[0]}" if calibration and split == "train" else "a local .txt or .jsonl file"
         raise CalibrationError(
-            f"dataset {name!r} needs the Hugging Face hub, which cannot be reached; "
-            "pass a local .txt or .jsonl file or a folder of them instead"
+            f"dataset {name!r} ({split}) needs the Hugging Face hub, which cannot be reached, and no local copy was "
+            f"found in $SPARSE_DEPLOY_DATA or ../shared/data; pass {hint} instead"
         )
     import datasets
 

@@ -24,6 +24,7 @@ import onnx
 from sparse_deploy.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
+from sparse_deploy.hf import check_finite_weights, remote_code_refused
 
 DECODER_TASK = "text-generation-with-past"
 ENCODER_TASK = "feature-extraction"
@@ -103,8 +104,11 @@ def choose_task(config: Any) -> str:
     )
 
 
-def load_source(folder: str | Path) -> SourceModel:
-    """Load a checkpoint folder (a pruned checkpoint or any Hugging Face model folder) for export."""
+def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceModel:
+    """Load a checkpoint folder (a pruned checkpoint or any Hugging Face model folder) for export; the folder's own
+    Python code (``auto_map``) runs only with ``trust_remote_code``."""
+    import pickle
+
     import torch
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -116,8 +120,11 @@ def load_source(folder: str | Path) -> SourceModel:
         raise ModelLoadError(f"{folder} is not a model folder: it has no config.json")
     manifest = read_manifest(folder)
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
+        refused = remote_code_refused(folder, exc)
+        if refused is not None:
+            raise refused from None
         raise UnsupportedModelError(f"{folder}/config.json names an architecture transformers does not know: "
                                     f"{first_line(exc)}") from exc
     except (OSError, KeyError, TypeError) as exc:
@@ -126,9 +133,12 @@ def load_source(folder: str | Path) -> SourceModel:
     loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
     try:
         with quiet_libraries():
-            model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"the weights in {folder} could not be loaded: {first_line(exc)}") from exc
+            model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
+                                           trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise remote_code_refused(folder, exc) or ModelLoadError(
+            f"the weights in {folder} could not be loaded: {first_line(exc)}") from None
+    check_finite_weights(model.named_parameters(), folder)
     model.eval()
     model.config._name_or_path = str(folder)  # keeps optimum's preprocessor lookup local
     architecture = (config.architectures or [type(model).__name__])[0]

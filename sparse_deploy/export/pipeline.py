@@ -25,6 +25,7 @@ from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_sourc
 from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
+from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
 
@@ -131,7 +132,7 @@ class _Converted:
     untied: tuple[str, ...]
 
 
-def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
+def _convert(source, model: onnx.ModelProto, quantize: str, tmp_dir: Path | None = None) -> _Converted:
     """Name the weights after their torch parameters and quantize them if asked (Gemm weights become MatMul
     weights [in, out] first, so the names are taken after that step)."""
     untied: tuple[str, ...] = ()
@@ -143,13 +144,13 @@ def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
     if quantize != "int8":
         return _Converted(model, sources, frozenset(pruned), (), untied)
-    result = quantize_int8(model, untied)
+    result = quantize_int8(model, untied, tmp_dir=tmp_dir)
     sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
     pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
 
 
-def _gather_side_files(raw: Path, checkpoint: Path, stage: Path) -> None:
+def _gather_side_files(raw: Path, checkpoint: Path, stage: Path, trust_remote_code: bool = False) -> None:
     """What the exporter wrote beside its model (config, generation config, tokenizer), then what the checkpoint
     has beside its weights (tokenizer, sparse_deploy.json, sentence-transformers files), then drop the raw export."""
     from sparse_deploy.hf import copy_side_files
@@ -157,7 +158,7 @@ def _gather_side_files(raw: Path, checkpoint: Path, stage: Path) -> None:
     for item in raw.iterdir():
         if not item.name.startswith(MODEL_FILE) and not (stage / item.name).exists():
             shutil.move(str(item), str(stage / item.name))
-    copy_side_files(str(checkpoint), stage)
+    copy_side_files(str(checkpoint), stage, trust_remote_code)
     shutil.rmtree(raw)
 
 
@@ -189,7 +190,7 @@ def export(
 
     config = config or ExportConfig()
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[checkpoint])
     start = time.perf_counter()
     bar = tqdm(total=len(_STEPS), unit="step", disable=not progress, leave=False)
 
@@ -199,13 +200,13 @@ def export(
 
     try:
         step(0)
-        source = load_source(checkpoint)
-        with staged_output(output, force) as stage:
+        source = load_source(checkpoint, config.trust_remote_code)
+        with staged_output(output, force, inputs=[checkpoint]) as stage:
             raw = stage / ".raw"
             step(1)
             exported = onnx.load(str(export_onnx(source, raw, config.opset)))
             step(2)
-            converted = _convert(source, exported, config.quantize)
+            converted = _convert(source, exported, config.quantize, stage)
             del exported
             step(3)
             records = plan(converted.model, config.encoding, min_sparsity=config.min_sparsity,
@@ -219,7 +220,7 @@ def export(
             files = save_model(model, stage / MODEL_FILE)
             del model
             checker = _check(files[0], full=not any(rec.encoding == "coo" for rec in records))
-            _gather_side_files(raw, source.folder, stage)
+            _gather_side_files(raw, source.folder, stage, config.trust_remote_code)
             step(5)
             hf_config = source.model.config
             ids, input_source = validation_ids(
@@ -228,7 +229,7 @@ def export(
             )
             parity = check_parity(
                 files[0], source.model, ids, decoder=source.decoder, input_source=input_source,
-                tolerance=None if config.quantize == "int8" else config.tolerance,
+                tolerance=None if config.quantize == "int8" else config.tolerance, work_dir=stage,
             )
             report = ExportReport(
                 output=output, files={p.name: p.stat().st_size for p in files}, task=source.task,
@@ -236,7 +237,8 @@ def export(
                 weights=records, sources=sources, quantized=quantized, untied=untied,
                 parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
             )
-            (stage / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
+            info = {**report.to_json(), DIGEST_KEY: file_digests(stage, report.files)}  # verified on open
+            (stage / REPORT_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
             bar.update(len(_STEPS) - bar.n)
     finally:
         bar.close()

@@ -108,9 +108,11 @@ def prepare_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ..
     return untie_transposed(gemm_to_matmul(model))
 
 
-def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> QuantizeResult:
+def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (),
+                  tmp_dir: str | Path | None = None) -> QuantizeResult:
     """Per-output-channel symmetric int8 weights for every MatMul with a constant float weight of a model that
-    went through ``prepare_int8``."""
+    went through ``prepare_int8``. The quantizer's model-sized temporary files go under ``tmp_dir`` (export passes
+    its staging folder, so a killed run leaves nothing in the system's temporary folder)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     inits = {init.name: init for init in prepared.graph.initializer}
@@ -124,7 +126,7 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     for k, node in enumerate(targets):
         node.name = node.name or f"sparse_deploy.matmul.{k}"
     large = initializer_bytes(prepared) > EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(prefix="sparse_deploy_int8_") as tmp, quiet_libraries():
+    with tempfile.TemporaryDirectory(prefix="sparse_deploy_int8_", dir=tmp_dir) as tmp, quiet_libraries():
         path = Path(tmp) / "quantized.onnx"
         quantize_dynamic(
             prepared, path, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,

@@ -60,7 +60,7 @@ def validation_ids(folder: Path, text: str | None, tokens: int, vocab_size: int,
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     if tokenizer is not None:
@@ -133,11 +133,13 @@ def check_parity(
     decoder: bool,
     tolerance: float | None,
     input_source: str,
+    work_dir: Path | None = None,
 ) -> ParityReport:
-    """Compare ONNX Runtime with ``torch_model`` on ``ids`` [1, T]; raise ExportMismatchError beyond ``tolerance``."""
+    """Compare ONNX Runtime with ``torch_model`` on ``ids`` [1, T]; raise ExportMismatchError beyond ``tolerance``
+    or when either side gives a non-finite value (whatever the tolerance). The profiler writes under ``work_dir``."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="sparse_deploy_profile_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sparse_deploy_profile_", dir=work_dir) as tmp:
         session = _session(onnx_path, tmp)
         with torch.no_grad():
             tensor = torch.from_numpy(ids)
@@ -153,6 +155,12 @@ def check_parity(
                 outputs = dict(zip(names, session.run(None, _feeds(session, ids, None, ids.shape[1]))))
                 got = outputs["last_hidden_state"][0]
         executed = _executed_ops(session)
+    for side, values in (("ONNX Runtime", got), ("torch", expected)):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ExportMismatchError(f"{side} gives {bad} non-finite values (NaN or inf) in its "
+                                      f"{'logits' if decoder else 'last_hidden_state'}; the model's weights or its "
+                                      f"export are broken, so nothing was written")
     diff = float(np.max(np.abs(got.astype(np.float64) - expected)))  # max over [T, V] or [T, hidden]
     scale = float(np.max(np.abs(expected)))
     report = ParityReport(

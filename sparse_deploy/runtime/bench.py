@@ -28,6 +28,7 @@ class BenchConfig:
     threads: int | None = None
     runs: int = 5
     warmup: int = 1
+    verify: bool = True  # check the exports' model files against export.json's sha256 first (not timed)
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "batch", "runs"):
@@ -112,7 +113,7 @@ def measure_onnx(folder: str | Path, config: BenchConfig) -> ModelBench:
 
     threads = config.threads or default_threads()
     start = time.perf_counter()
-    model = ExportedModel(folder, SessionConfig(threads=threads))
+    model = ExportedModel(folder, SessionConfig(threads=threads, verify=False))  # benchmark() verified it
     load_s = time.perf_counter() - start
     common = dict(name=str(folder), backend="onnxruntime", kind=model.info.kind, file_bytes=model.file_bytes,
                   load_s=load_s, threads=threads, encodings=_encodings(model.export_info))
@@ -226,22 +227,38 @@ class Comparison:
 
 
 def benchmark(model: str | Path, *, baseline: str | Path | None = None, torch_baseline: str | Path | None = None,
-              config: BenchConfig = BenchConfig()) -> Comparison:
+              config: BenchConfig = BenchConfig(), allow_mismatch: bool = False) -> Comparison:
     """Measure an exported folder, and the baselines given (a dense export, a checkpoint under PyTorch eager),
-    each in its own process, one after the other."""
+    each in its own process, one after the other. A baseline of another architecture, shape or vocabulary is
+    refused unless ``allow_mismatch``; with ``config.verify`` the exports' files are checked against export.json."""
+    from sparse_deploy.integrity import require_same_model, verify_export
     from sparse_deploy.machine import machine_info
     from sparse_deploy.runtime.session import default_threads
+
+    if not allow_mismatch:
+        for option, other in (("--baseline", baseline), ("--torch-baseline", torch_baseline)):
+            if other is not None:
+                require_same_model(model, other, option)
+    if config.verify:
+        for folder in (model, baseline):
+            if folder is not None:
+                verify_export(folder)
 
     measured = measure_in_subprocess(model, config)
     dense = measure_in_subprocess(baseline, config) if baseline else None
     eager = measure_in_subprocess(torch_baseline, config, backend="torch") if torch_baseline else None
     for other in (dense, eager):
         if other is not None and other.kind != measured.kind:
-            raise ConfigError(f"{other.name} is an {other.kind} but {model} is an {measured.kind}; compare like with like")
+            raise ConfigError(f"{other.name} is {_a(other.kind)} but {model} is {_a(measured.kind)}; compare like "
+                              f"with like")
     info = machine_info(("onnxruntime", "numpy", "torch"))
     facts = {"cpu": info.cpu, "cores": info.cores, "threads": config.threads or default_threads(),
              "python": info.python, **{f"{k}_version": v for k, v in info.versions.items() if v}}
     return Comparison(measured, dense, eager, facts)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in tuple('aeiou') else 'a'} {kind}"
 
 
 def _main() -> None:

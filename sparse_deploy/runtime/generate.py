@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
+from sparse_deploy.errors import InvalidInputError, NonFiniteError, RuntimeSessionError
 from sparse_deploy.runtime.session import ORT_ERRORS, ExportedModel
 
 
@@ -81,6 +81,9 @@ class DecoderRunner:
             token = logits[:, -1, :].argmax(axis=-1).astype(np.int64)  # [B]
             if on_step is not None:
                 on_step(index, time.perf_counter() - start)
+            if not np.isfinite(logits[:, -1, :]).all():  # argmax of NaN is token 0: text that means nothing
+                raise NonFiniteError(f"step {index} gave NaN or infinite logits; the export is broken, so no text "
+                                     f"is printed")
             out.append(token[:, None])
             eos = self.info.eos_token_id
             if stop_at_eos and eos is not None:

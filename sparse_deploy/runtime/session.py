@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from sparse_deploy.errors import ConfigError, RuntimeSessionError, first_line
+from sparse_deploy.integrity import verify_export
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 _LEVELS = {
@@ -43,12 +44,14 @@ class SessionConfig:
     """``threads``: intra-op threads (None: ONNX Runtime's default, one per core). ``providers``: execution
     providers in order of preference. ``packed``: how packed-sparse exports are opened: ``stage`` decodes the
     weights with numpy into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
-    Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory)."""
+    Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory). ``verify``:
+    check the model files against the sha256 digests export.json records before loading them."""
 
     threads: int | None = None
     optimization: Optimization = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     packed: Literal["stage", "fold"] = "stage"
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -105,6 +108,8 @@ class ExportedModel:
         self.config = config
         self.hf_config = _read_json(self.folder / "config.json")
         self.export_info = _read_json(self.folder / "export.json")
+        if config.verify:
+            verify_export(self.folder, self.export_info)
         if config.packed == "stage" and self.export_info.get("settings", {}).get("encoding") in ("packed", "auto"):
             self.session = _open_staged(onnx_file, config)
         else:
@@ -126,7 +131,8 @@ class ExportedModel:
 
     def require(self, kind: str) -> None:
         if self.info.kind != kind:
-            raise RuntimeSessionError(f"{self.folder} is an {self.info.kind} export; this needs a {kind}")
+            article = "an" if self.info.kind[0] in "aeiou" else "a"
+            raise RuntimeSessionError(f"{self.folder} is {article} {self.info.kind} export; this needs a {kind} export")
 
     def input_names(self) -> set[str]:
         return {i.name for i in self.session.get_inputs()}

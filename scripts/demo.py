@@ -139,7 +139,7 @@ def main() -> None:
             EvalConfig(dataset=str(opt / "val.txt"), seqlen=256, max_chars=100_000),
             bench_config)
         prompt = "import os\n\ndef read_config(path):\n"
-        say("sparse-deploy", "generate", args.out / "stdlib-opt-packed-onnx", prompt, "--max-new-tokens", 32)
+        say("sparse-deploy", "generate", args.out / "stdlib-opt-packed-onnx", prompt, "--new-tokens", 32)
         from sparse_deploy.runtime import ExportedModel, generate
 
         print(prompt + generate(ExportedModel(args.out / "stdlib-opt-packed-onnx"), prompt, 32))

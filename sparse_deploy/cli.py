@@ -97,6 +97,13 @@ def _writable_file(path: Optional[Path], option: str) -> None:
         raise ConfigError(f"{option} {path}: folder {folder} is not writable")
 
 
+def _write_json(path: Path, payload: object) -> None:
+    """Write ``payload`` as indented JSON through a temporary file, so an interrupted write leaves nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sparse-deploy {__version__}")
@@ -137,9 +144,11 @@ def prune(
     ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the manifest (sparse_deploy.json) here."),
 ) -> None:
     """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads."""
     with reported():
+        _writable_file(json_path, "--json")
         config = PruneConfig(
             spec=SparsitySpec.from_options(sparsity, pattern),
             method=method,  # type: ignore[arg-type]
@@ -159,6 +168,8 @@ def prune(
             f"({m.method}, {m.pattern or f'{config.spec} unstructured'}) in {m.time_s:.1f} s, "
             f"peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB -> {report.output}"
         )
+        if json_path:
+            _write_json(json_path, m.to_json())
 
 
 @app.command("eval")
@@ -186,21 +197,29 @@ def eval_(
         else:
             typer.echo(f"mean cosine to {reference}: {report.mean_cosine:.4f} over {report.sentences} sentences")
         if json_path:
-            json_path.write_text(json.dumps(asdict(report), indent=1) + "\n")
+            _write_json(json_path, asdict(report))
 
 
 @app.command()
-def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> None:
-    """Per-matrix shapes, sparsity and n:m pattern of a checkpoint, and the totals."""
+def inspect(
+    folder: Path = typer.Argument(..., help="A checkpoint folder."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every row and total as JSON here."),
+) -> None:
+    """Per-matrix shapes, sparsity, n:m pattern and (from the manifest) reconstruction error, and the totals."""
     with reported():
+        _writable_file(json_path, "--json")
         result = inspect_checkpoint(folder)
         pruned = {w.name for w in result.pruned()}
+        errors = {rec.weight_name: rec.rel_error for rec in result.manifest.layers} if result.manifest else {}
         width = max((len(w.name) for w in result.weights), default=10)
-        typer.echo(f"{'weight':<{width}}  {'shape':>13}  {'sparsity':>8}  pattern")
+        typer.echo(f"{'weight':<{width}}  {'shape':>13}  {'sparsity':>8}  {'pattern':>7}  rel. error")
         for w in result.weights:
             mark = "" if w.name in pruned else "  (dense)"
             shape = "x".join(map(str, w.shape))
-            typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-'}{mark}")
+            error = errors.get(w.name)
+            error_text = f"{error:.2e}" if error is not None else "-"
+            typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-':>7}  "
+                       f"{error_text}{mark}")
         chosen = result.pruned()
         params = sum(w.numel for w in chosen)
         zeros = sum(w.zeros for w in chosen)
@@ -208,10 +227,21 @@ def inspect(folder: Path = typer.Argument(..., help="A checkpoint folder.")) -> 
                    f"({percent(zeros / params if params else 0, 2)})")
         typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
                    f"({percent(result.total_zeros / max(result.total_params, 1), 2)})")
+        if errors:
+            typer.echo("rel. error: ||(W - W') X||^2 / ||W X||^2 on each layer's calibration inputs, from the manifest")
         if result.manifest:
             m = result.manifest
             typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity * 100:g}%'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
+        if json_path:
+            _write_json(json_path, {
+                "folder": str(result.folder),
+                "weights": [{"name": w.name, "shape": list(w.shape), "zeros": w.zeros, "numel": w.numel,
+                             "sparsity": w.sparsity, "pattern": w.pattern, "pruned": w.name in pruned,
+                             "rel_error": errors.get(w.name)} for w in result.weights],
+                "pruned_zeros": zeros, "pruned_params": params,
+                "total_zeros": result.total_zeros, "total_params": result.total_params,
+            })
 
 
 @app.command()
@@ -244,7 +274,7 @@ def bench(
                                allow_mismatch=allow_mismatch)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
         if json_path:
-            json_path.write_text(json.dumps(comparison.to_json(), indent=1) + "\n")
+            _write_json(json_path, comparison.to_json())
         if plot:
             plot_comparison(comparison, plot)
             typer.echo(f"plot written to {plot}")
@@ -254,19 +284,24 @@ def bench(
 def generate(
     onnx_dir: Path = typer.Argument(..., help="An exported decoder folder (model.onnx)."),
     prompt: str = typer.Argument(..., help="Text to continue."),
-    max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)."),
+    max_new_tokens: int = typer.Option(32, "--new-tokens", "--max-new-tokens", help="Tokens to generate (greedy)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the prompt and continuation here."),
 ) -> None:
     """Greedy continuation of a prompt through ONNX Runtime, with the KV cache."""
     with reported():
+        _writable_file(json_path, "--json")
         from sparse_deploy.runtime import ExportedModel, SessionConfig
         from sparse_deploy.runtime import generate as run_generate
 
         if max_new_tokens < 1:
-            raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
         model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify))
-        typer.echo(prompt + run_generate(model, prompt, max_new_tokens))
+        continuation = run_generate(model, prompt, max_new_tokens)
+        typer.echo(prompt + continuation)
+        if json_path:
+            _write_json(json_path, {"prompt": prompt, "continuation": continuation, "new_tokens": max_new_tokens})
 
 
 class EncodingChoice(str, Enum):
@@ -281,8 +316,11 @@ class QuantizeChoice(str, Enum):
     int8 = "int8"
 
 
+TOP1_WARNING = 0.9  # below this top-1 agreement with torch, export warns
+
+
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 @app.command("export")
@@ -307,6 +345,7 @@ def export_command(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the export info (export.json) here."),
 ) -> None:
     """Export a pruned checkpoint to ONNX with sparse-encoded weights, checked against torch on real tokens.
 
@@ -316,7 +355,9 @@ def export_command(
     with reported():
         from sparse_deploy.config import ExportConfig
         from sparse_deploy.export import export
+        from sparse_deploy.export.pipeline import REPORT_NAME
 
+        _writable_file(json_path, "--json")
         config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
                               trust_remote_code=trust_remote_code)
         report = export(checkpoint, output, config, force=force, progress=True)
@@ -337,3 +378,9 @@ def export_command(
         if parity.top1_agreement is not None:
             line += f", top-1 agreement {parity.top1_agreement:.1%}"
         typer.echo(line)
+        if parity.top1_agreement is not None and parity.top1_agreement < TOP1_WARNING:
+            typer.secho(f"warning: the export's next-token choice differs from torch at "
+                        f"{1 - parity.top1_agreement:.1%} of positions; measure its accuracy (sparse-deploy eval) "
+                        f"before serving it", err=True, fg=typer.colors.YELLOW)
+        if json_path:
+            _write_json(json_path, json.loads((report.output / REPORT_NAME).read_text()))

@@ -328,3 +328,37 @@ def test_offline_dataset_names_use_a_local_copy_or_say_where_to_put_one(tmp_path
     assert "Some text" in load_text("wikitext2", "test")
     with pytest.raises(CalibrationError, match="SPARSE_DEPLOY_DATA"):
         load_text("wikitext2", "train")
+
+
+def test_export_and_generate_write_json(tiny, tmp_path):
+    import json
+
+    out = tmp_path / "onnx"
+    result = run("export", tiny, "-o", out, "--encoding", "dense", "--json", tmp_path / "export.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "export.json").read_text()) == json.loads((out / "export.json").read_text())
+    assert "MiB" in result.output and "warning" not in result.output
+    result = run("generate", out, "Hello", "--new-tokens", 3, "--json", tmp_path / "gen.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "gen.json").read_text())
+    assert data["prompt"] == "Hello" and data["new_tokens"] == 3
+    assert data["continuation"] and "Hello" + data["continuation"] in result.output
+    one_line_error(run("generate", out, "Hello", "--json", tmp_path / "missing" / "gen.json"), "does not exist", 2)
+
+
+def test_export_warns_when_top1_agreement_is_low(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    import sparse_deploy.export as export_package
+
+    real_export = export_package.export
+
+    def disagreeing_export(*args, **kwargs):
+        report = real_export(*args, **kwargs)
+        return dataclasses.replace(report, parity=dataclasses.replace(report.parity, top1_agreement=0.8))
+
+    monkeypatch.setattr(export_package, "export", disagreeing_export)
+    result = run("export", tiny, "-o", tmp_path / "onnx", "--encoding", "dense")
+    assert result.exit_code == 0, result.output
+    assert "top-1 agreement 80.0%" in result.output
+    assert "warning: the export's next-token choice differs from torch at 20.0% of positions" in result.output

@@ -57,14 +57,23 @@ def test_missing_model_and_existing_output(tiny_opt, tmp_path, calib_text):
 def test_prune_inspect_eval(tiny_opt, tmp_path, calib_text):
     out = tmp_path / "pruned"
     result = run("prune", tiny_opt, "-o", out, "--pattern", "2:4", "--calibration", calib_text,
-                 "--nsamples", 4, "--seqlen", 32, "--device", "cpu")
+                 "--nsamples", 4, "--seqlen", 32, "--device", "cpu", "--json", tmp_path / "prune.json")
     assert result.exit_code == 0, result.output
     assert "pruned 12 linear layers" in result.output and "50.0%" in result.output
-    table = run("inspect", out)
+    manifest = json.loads((tmp_path / "prune.json").read_text())
+    assert manifest == json.loads((out / "sparse_deploy.json").read_text())
+    table = run("inspect", out, "--json", tmp_path / "inspect.json")
     assert table.exit_code == 0
     rows = [line for line in table.output.splitlines() if ".fc1.weight" in line]
     assert len(rows) == 2 and all("50.00%" in r and "2:4" in r for r in rows)
     assert "pruned matrices: 12" in table.output
+    # the per-layer reconstruction error the manifest stores is shown beside each pruned matrix
+    fc1_errors = [layer["rel_error"] for layer in manifest["layers"] if layer["name"].endswith(".fc1")]
+    assert all(f"{e:.2e}" in r for e, r in zip(fc1_errors, rows))
+    listed = json.loads((tmp_path / "inspect.json").read_text())
+    assert sum(w["pruned"] for w in listed["weights"]) == 12
+    assert {w["name"]: w["rel_error"] for w in listed["weights"] if w["pruned"]} == {
+        layer["name"] + ".weight": layer["rel_error"] for layer in manifest["layers"]}
     report = tmp_path / "ppl.json"
     result = run("eval", out, "--dataset", calib_text, "--seqlen", 32, "--max-chars", 5000, "--json", report,
                  "--device", "cpu")

@@ -165,3 +165,87 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
+
+
+INT4_SUFFIX = "_Q4"  # the packed 4-bit weight of MatMulNBits is named <float name> + this
+INT4_ACCURACY_LEVEL = 4  # int8 activations in the kernel (what onnxruntime-genai's model builder writes)
+
+
+def pack_int4(B: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMul's B [K, N] float32 -> MatMulNBits' (B_q uint8 [N, ceil(K / G), G / 2], scales float32 [N · ceil(K / G)]).
+
+    Symmetric groups of G input columns per output channel (``grids.int4_scales``): nibble = q + 8 with q in
+    [-8, 7] (the default zero point 8, so no zero_points input), two per byte, the lower index in the low nibble.
+    K is zero padded to whole groups; padded nibbles hold 8 (= 0.0) and the kernel ignores them."""
+    if group_size % 2 or group_size < 16:
+        raise ValueError(f"MatMulNBits needs an even block size of at least 16, got {group_size}")
+    W = np.ascontiguousarray(B.T)  # [N, K]
+    n, k = W.shape
+    scales, _ = grids.int4_scales(W, group_size)  # [N, blocks]
+    blocks = scales.shape[1]
+    nibbles = np.full((n, blocks * group_size), 8, np.uint8)
+    nibbles[:, :k] = (grids.quantize(W, scales, bits=4, group_size=group_size).astype(np.int16) + 8).astype(np.uint8)
+    packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)  # [N, blocks · G / 2]
+    return packed.reshape(n, blocks, group_size // 2), scales.reshape(-1)
+
+
+def unpack_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The inverse view: MatMulNBits' (B_q [N, blocks, G / 2], scales [N · blocks]) -> B [K, N] float32 as the kernel
+    multiplies it, (nibble - 8) · scale."""
+    n, blocks, half = packed.shape
+    flat = packed.reshape(n, blocks * half)
+    nibbles = np.empty((n, blocks * half * 2), np.int16)
+    nibbles[:, 0::2] = flat & 0x0F
+    nibbles[:, 1::2] = flat >> 4
+    q = (nibbles - 8)[:, :k]
+    return grids.dequantize(q, scales.reshape(n, blocks), group_size=half * 2).T
+
+
+def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group_size: int = 32) -> QuantizeResult:
+    """4-bit symmetric weights in groups of ``group_size`` input columns for every MatMul with a constant 2-D float
+    weight of a model that went through ``prepare_int8``: each becomes a ``com.microsoft`` MatMulNBits node (bits 4,
+    block_size = group_size, accuracy_level 4, no zero_points input: ONNX Runtime's default zero point 8)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(prepared)
+    graph = out.graph
+    inits = {init.name: init for init in graph.initializer}
+    targets = [
+        node for node in graph.node
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
+        and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    ]
+    if not targets:
+        raise ExportError("the model has no MatMul with a constant float weight to quantize")
+    weights = sorted({node.input[1] for node in targets})
+    taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(inits)
+    clash = {f"{w}{suffix}" for w in weights for suffix in (INT4_SUFFIX, "_scales")} & taken
+    if clash:
+        raise ExportError(f"the graph already has tensors named {sorted(clash)[:3]}; cannot quantize it")
+    shapes, added = {}, []
+    for name in weights:
+        B = numpy_helper.to_array(inits[name])  # [K, N]
+        packed, scales = pack_int4(B, group_size)
+        shapes[name] = B.shape
+        added += [numpy_helper.from_array(packed, name + INT4_SUFFIX), numpy_helper.from_array(scales, name + "_scales")]
+    target_ids = {id(node) for node in targets}
+    nodes = []
+    for k, node in enumerate(graph.node):
+        if id(node) not in target_ids:
+            nodes.append(node)
+            continue
+        w = node.input[1]
+        rows, cols = shapes[w]
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], w + INT4_SUFFIX, w + "_scales"], [node.output[0]],
+            name=f"{node.name or f'sparse_deploy.matmul.{k}'}.nbits", domain="com.microsoft",
+            K=rows, N=cols, bits=4, block_size=group_size, accuracy_level=INT4_ACCURACY_LEVEL,
+        ))
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used or init.name not in set(weights)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    if not any(op.domain == "com.microsoft" for op in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)

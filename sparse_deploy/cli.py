@@ -304,8 +304,8 @@ def export_command(
         QuantizeChoice.none, "--quantize",
         help="int8: per-output-channel symmetric 7-bit weights (-64..64, stored as int8; right on CPUs with or "
              "without VNNI) after pruning, run on ONNX Runtime's integer kernels. int4: ONNX Runtime's MatMulNBits "
-             "(4-bit symmetric weights per group of --group-size input columns, accuracy level 4; stored dense, "
-             "since the 4-bit blocks are smaller than a packed copy). Pruned weights stay exactly 0. The parity "
+             "(4-bit symmetric weights per group of --group-size input columns, accuracy level 4; the 4-bit "
+             "blocks are not sparse-encoded, --encoding applies to the other weights). Pruned weights stay exactly 0. The parity "
              "check allows a relative logit error of 1e-3 unquantized, 0.1 int8, 0.4 int4.",
     ),
     group_size: Optional[int] = typer.Option(
@@ -338,8 +338,11 @@ def export_command(
                 f"{len(encoded)} of {len(report.weights)} weights stored sparse: {_mb(report.dense_bytes)} dense -> "
                 f"{_mb(report.stored_bytes)} ({report.stored_bytes / report.dense_bytes:.2f}x)"
             )
-        else:
+        elif report.weights:
             typer.echo(f"all {len(report.weights)} weights stored dense")
+        if config.quantize == "int4":
+            typer.echo(f"{len(report.quantized)} weights as 4-bit MatMulNBits blocks (groups of {config.group_size}, "
+                       f"not sparse-encoded)")
         parity = report.parity
         line = (f"parity: max |d {parity.output}| / max |{parity.output}| = {parity.rel_diff:.2e} "
                 f"over {parity.positions} positions")

@@ -31,12 +31,12 @@ const char* validate(const SparseRows& w, int64_t nnz) {
   const int tail_bits = static_cast<int>(w.k % 8);
   for (int64_t n = 0; n < w.n_rows; ++n) {
     const uint8_t* row = w.mask + n * w.mask_stride;
-    int64_t count = 0;
-    for (int64_t b = 0; b < w.mask_stride; ++b) count += __builtin_popcount(row[b]);
-    if (w.row_ptr[n + 1] - w.row_ptr[n] != count) return "row_ptr does not match the bits set in each mask row";
     if (tail_bits && (row[full_bytes] >> tail_bits)) return "mask has bits set beyond K";
     for (int64_t b = full_bytes + (tail_bits ? 1 : 0); b < w.mask_stride; ++b)
       if (row[b]) return "mask has bits set beyond K";
+    int64_t count = 0;
+    for (int64_t b = 0; b < w.mask_stride; ++b) count += __builtin_popcount(row[b]);
+    if (w.row_ptr[n + 1] - w.row_ptr[n] != count) return "row_ptr does not match the bits set in each mask row";
   }
   return nullptr;
 }

@@ -192,7 +192,9 @@ class SparseKernel {
     if (weights_constant_ && validated_.load(std::memory_order_acquire)) return;
     std::lock_guard<std::mutex> lock(mutex_);
     if (weights_constant_ && validated_.load(std::memory_order_relaxed)) return;
-    if (const char* error = validate(w, nnz)) throw BadInput{error};
+    if (const char* error = validate(w, nnz))
+      throw BadInput{std::string(error) + " (N=" + std::to_string(w.n_rows) + ", K=" + std::to_string(w.k) +
+                     ", " + std::to_string(nnz) + " values)"};
     validated_.store(true, std::memory_order_release);
   }
 

@@ -4,9 +4,9 @@
 
 Variants, each exported by ``sparse_deploy.export`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
-``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4 (MatMulNBits), and the
-checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the same greedy decode
-driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and by optimum's ``ORTModelForCausalLM``.
+``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
+(MatMulNBits), and the checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the
+same greedy decode driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and by optimum's ``ORTModelForCausalLM``.
 """
 
 from __future__ import annotations

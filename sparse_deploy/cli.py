@@ -343,8 +343,7 @@ def export_command(
         help="int8: per-output-channel symmetric 7-bit weights (-64..64, stored as int8; right on CPUs with or "
              "without VNNI) after pruning, run on ONNX Runtime's integer kernels. int4: ONNX Runtime's MatMulNBits "
              "(4-bit symmetric weights per group of --group-size input columns, accuracy level 4; the 4-bit "
-             "blocks are not sparse-encoded, --encoding applies to the other weights). Pruned weights stay exactly 0. The parity "
-             "check allows a relative logit error of 1e-3 unquantized, 0.1 int8, 0.4 int4.",
+             "blocks are stored as they are, --encoding does not pack them). Pruned weights stay exactly 0. The parity check allows a relative logit error of 1e-3 unquantized, 0.1 int8, 0.4 int4.",
     ),
     group_size: Optional[int] = typer.Option(
         None, "--group-size", help="int4 only: input columns per 4-bit scale, 32, 64 or 128 [default: 32].",

@@ -252,8 +252,9 @@ class ExportConfig:
                               f"{self.opset!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:
             raise ConfigError(f"min_sparsity must be in (0, 1], got {self.min_sparsity!r}; 0.25 is the default")
-        if self.tolerance is not None and (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
-                                           or not math.isfinite(self.tolerance) or self.tolerance <= 0):
+        tolerance = self.tolerance
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                      or not math.isfinite(tolerance) or tolerance <= 0):
             raise ConfigError(f"tolerance must be a positive number, got {self.tolerance!r}; the default is "
                               f"{DEFAULT_TOLERANCES[self.quantize]:g} for quantize={self.quantize}")
         if isinstance(self.validation_tokens, bool) or not isinstance(self.validation_tokens, int) \

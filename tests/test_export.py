@@ -160,6 +160,10 @@ def test_int8_runs_on_integer_kernels_and_keeps_zeros(checkpoints, tmp_path):
         W = W.T if source.endswith("(transposed)") else W
         assert q.dtype == np.int8 and q.shape == W.shape and np.all(q[W == 0] == 0), "pruned zeros stay exactly 0"
         assert np.abs(q).max() == 64, "7-bit grid: the largest weight of some channel maps to 64, none beyond"
+        # AVX2 u8s8 (vpmaddubsw) adds uint8 x times q over neighbouring rows k into an int16: never past 32767
+        q32 = np.concatenate([q, np.zeros((q.shape[0] % 2, q.shape[1]), q.dtype)]).astype(np.int32)
+        for part in (np.maximum(q32, 0), np.maximum(-q32, 0)):
+            assert 255 * int((part[0::2] + part[1::2]).max()) <= 32767
         assert np.all(inits[rec.name[: -len("_quantized")] + "_zero_point"] == 0)
 
     # numpy-decoded weights handed to ONNX Runtime give the same logits as its own folding of the decode
@@ -243,7 +247,8 @@ def test_cli_exports_and_reports_errors_on_one_line(checkpoints, tmp_path):
 def test_export_config_is_validated():
     from sparse_deploy.errors import ConfigError
 
-    for bad in ({"encoding": "zip"}, {"quantize": "int3"}, {"group_size": 48}, {"group_size": True}, {"opset": 7}, {"opset": 13}, {"opset": True},
+    for bad in ({"encoding": "zip"}, {"quantize": "int3"}, {"group_size": 48}, {"group_size": True},
+                {"opset": 7}, {"opset": 13}, {"opset": True},
                 {"min_sparsity": 0}, {"tolerance": 0.0}, {"tolerance": float("nan")}, {"validation_tokens": 1}):
         with pytest.raises(ConfigError):
             ExportConfig(**bad)

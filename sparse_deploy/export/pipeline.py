@@ -19,13 +19,13 @@ from typing import Any
 import onnx
 
 from sparse_deploy import __version__
-from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import ExportError, first_line
 from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
 from sparse_deploy.export.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_int8, quantize_int4, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
+from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
 from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
@@ -206,7 +206,8 @@ def export(
 
     Raises ModelLoadError / UnsupportedModelError for folders it cannot read, OutputExistsError for a non-empty
     ``output`` without ``force``, and ExportMismatchError when ONNX Runtime and torch disagree beyond the tolerance
-    (``ExportConfig.parity_tolerance``: per quantization unless given). Nothing is left at ``output`` unless the export succeeded."""
+    (``ExportConfig.parity_tolerance``: per quantization unless given). Nothing is left at ``output`` unless the
+    export succeeded."""
     from tqdm.auto import tqdm
 
     config = config or ExportConfig()

@@ -226,7 +226,8 @@ def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group
         B = numpy_helper.to_array(inits[name])  # [K, N]
         packed, scales = pack_int4(B, group_size)
         shapes[name] = B.shape
-        added += [numpy_helper.from_array(packed, name + INT4_SUFFIX), numpy_helper.from_array(scales, name + "_scales")]
+        added += [numpy_helper.from_array(packed, name + INT4_SUFFIX),
+                  numpy_helper.from_array(scales, name + "_scales")]
     target_ids = {id(node) for node in targets}
     nodes = []
     for k, node in enumerate(graph.node):

@@ -28,6 +28,7 @@ namespace {
 // Software prefetch distance into each row's value stream: with R rows in flight the hardware prefetchers alone
 // left the fp32 kernel at ~60% of the bandwidth it reaches with this (4096x4096, 50%, one thread).
 constexpr int kPrefetchBytes = 1024;
+constexpr int kPrefetchBytesInt8 = 4096;  // int8 rows are consumed 4x faster per step
 
 // A plain load the compiler may not fold into the instruction that uses it (GCC turns load + vexpandps into the
 // memory form, which is the slow one).
@@ -138,7 +139,7 @@ SD_AVX512 inline void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const 
       const uint64_t b = reinterpret_cast<const uint64_t*>(mask[r])[wi];
       wv[r] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r]))) : _mm512_maskz_expandloadu_epi8(b, vals[r]);
       vals[r] += _mm_popcnt_u64(b);
-      _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytesInt8, _MM_HINT_T0);
       corr[r] = _mm512_dpbusd_epi32(corr[r], bias128, wv[r]);
     }
     SD_UNROLL for (int m = 0; m < MT; ++m) {

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sparse_deploy import __version__
-from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
+from sparse_deploy.formats.checkpoint import LayerRecord, Manifest, write_manifest
 from sparse_deploy.config import EvalConfig, PruneConfig
 from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity

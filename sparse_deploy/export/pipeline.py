@@ -7,7 +7,6 @@ The output folder holds ``model.onnx`` (plus ``model.onnx_data`` past 2 GB), the
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import time
 import warnings
@@ -25,12 +24,12 @@ from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_sourc
 from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
+from sparse_deploy.formats.export_info import EXPORT_INFO_NAME, FORMAT_VERSION, write_export_info
 from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
 
-REPORT_NAME = "export.json"
-FORMAT_VERSION = 1
+REPORT_NAME = EXPORT_INFO_NAME
 _STEPS = ("load checkpoint", "export ONNX", "quantize", "encode weights", "save and check", "validate")
 
 
@@ -40,7 +39,8 @@ class SparseEncodingWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What ``export()`` wrote and measured; ``to_json()`` is the content of export.json."""
+    """What ``export()`` wrote and measured; ``to_json()`` is the content of export.json
+    (``sparse_deploy.formats.export_info`` documents it and reads it back)."""
 
     output: Path
     files: Mapping[str, int]  # model file name -> bytes
@@ -238,7 +238,7 @@ def export(
                 parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
             )
             info = {**report.to_json(), DIGEST_KEY: file_digests(stage, report.files)}  # verified on open
-            (stage / REPORT_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            write_export_info(stage, info)
             bar.update(len(_STEPS) - bar.n)
     finally:
         bar.close()

@@ -116,7 +116,7 @@ def measure_onnx(folder: str | Path, config: BenchConfig) -> ModelBench:
     model = ExportedModel(folder, SessionConfig(threads=threads, verify=False))  # benchmark() verified it
     load_s = time.perf_counter() - start
     common = dict(name=str(folder), backend="onnxruntime", kind=model.info.kind, file_bytes=model.file_bytes,
-                  load_s=load_s, threads=threads, encodings=_encodings(model.export_info))
+                  load_s=load_s, threads=threads, encodings=model.export_info.summary())
     if model.info.kind == "encoder":
         b1, b32 = _encoder_timings(lambda batch: embed(model, batch, batch_size=len(batch)), config)
         return ModelBench(peak_rss_bytes=peak_rss_bytes(), batch1_ms=b1,
@@ -165,12 +165,6 @@ def _encoder_timings(run, config: BenchConfig) -> tuple[LatencyStats, float]:
         run(batch32)
         big.append(time.perf_counter() - start)
     return LatencyStats.of_seconds(single), 32 / float(np.median(big))
-
-
-def _encodings(export_info: dict) -> dict:
-    totals = export_info.get("totals", {})
-    return {k: export_info.get(k) for k in ("encoding", "quantize") if k in export_info} | (
-        {"totals": totals} if totals else {})
 
 
 def measure_in_subprocess(target: str | Path, config: BenchConfig, backend: str = "onnxruntime") -> ModelBench:

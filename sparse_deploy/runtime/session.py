@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from sparse_deploy.errors import ConfigError, RuntimeSessionError, first_line
+from sparse_deploy.formats.export_info import read_export_info
 from sparse_deploy.integrity import verify_export
 
 Optimization = Literal["disable", "basic", "extended", "all"]
@@ -107,10 +108,10 @@ class ExportedModel:
             raise RuntimeSessionError(f"{self.folder} holds no model.onnx; run `sparse-deploy export` first")
         self.config = config
         self.hf_config = _read_json(self.folder / "config.json")
-        self.export_info = _read_json(self.folder / "export.json")
+        self.export_info = read_export_info(self.folder)
         if config.verify:
-            verify_export(self.folder, self.export_info)
-        if config.packed == "stage" and self.export_info.get("settings", {}).get("encoding") in ("packed", "auto"):
+            verify_export(self.folder, dict(self.export_info.raw))
+        if config.packed == "stage" and self.export_info.packed:
             self.session = _open_staged(onnx_file, config)
         else:
             self.session = open_session(onnx_file, config)
@@ -146,7 +147,7 @@ def _open_staged(onnx_file: Path, config: SessionConfig) -> ort.InferenceSession
 
     from google.protobuf.message import DecodeError
 
-    from sparse_deploy.export.sparse_encoding import write_dense
+    from sparse_deploy.formats.packed import write_dense
 
     staging = Path(tempfile.mkdtemp(prefix="sparse-deploy-dense-"))
     try:

@@ -192,6 +192,8 @@ ExportEncoding = Literal["packed", "coo", "dense", "auto"]
 Quantization = Literal["none", "int8"]
 EXPORT_ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense", "auto")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
+ExportOps = Literal["standard", "custom"]
+EXPORT_OPS: tuple[str, ...] = ("standard", "custom")
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,10 @@ class ExportConfig:
     ``quantize``: ``int8`` quantizes every MatMul weight per output channel, symmetrically, after pruning (zeros
     stay exactly 0) and runs them on ONNX Runtime's integer kernels; activations are quantized dynamically.
     ``opset``: the ONNX opset; None takes the exporter's default for the architecture.
+    ``ops``: ``standard`` writes the portable file (packed weights rebuilt by standard ops; the runtime swaps in
+    the native sparse kernels itself); ``custom`` writes each packed weight and its MatMul as one SparseMatMul node
+    of the ``ai.sparse_deploy`` domain, for apps that register the native library (``sparse-deploy kernels`` prints
+    its path). ``custom`` needs ``encoding`` packed and the library at export time.
     ``min_sparsity``: a weight counts as pruned when at least this fraction of it is zero (or when the checkpoint's
     ``sparse_deploy.json`` records it as pruned); other weights stay dense.
     ``tolerance``: the largest fp32 logit difference allowed, relative to the largest logit magnitude.
@@ -215,6 +221,7 @@ class ExportConfig:
     encoding: ExportEncoding = "packed"
     quantize: Quantization = "none"
     opset: int | None = None
+    ops: ExportOps = "standard"
     min_sparsity: float = 0.25
     tolerance: float = 1e-3
     validation_text: str | None = None
@@ -226,6 +233,11 @@ class ExportConfig:
             raise ConfigError(f"encoding must be one of {', '.join(EXPORT_ENCODINGS)}, got {self.encoding!r}")
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.ops not in EXPORT_OPS:
+            raise ConfigError(f"ops must be standard or custom, got {self.ops!r}")
+        if self.ops == "custom" and self.encoding != "packed":
+            raise ConfigError(f"ops custom needs encoding packed (the sparse ops read packed weights), got "
+                              f"{self.encoding!r}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
                                        or not 14 <= self.opset <= _newest_opset()):
             raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "

@@ -173,6 +173,22 @@ def _coo_notes(records: tuple[TensorEncoding, ...]) -> tuple[str, ...]:
     return notes
 
 
+def _custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each packed weight and its MatMul/Gemm as one SparseMatMul node (``--ops custom``), written into the file."""
+    from sparse_deploy.runtime.kernel_choice import packer
+    from sparse_deploy.runtime.session import KernelsUnavailableError, native_kernels
+    from sparse_deploy.runtime.sparse_ops import materialize, rewrite
+
+    native, reason = native_kernels()
+    if native is None:
+        raise KernelsUnavailableError(f"--ops custom packs the weights with the native sparse kernels: {reason}")
+    done = rewrite(model, packer(native), min_bytes=None)
+    if not done.sparse:
+        raise ExportError("--ops custom: no packed weight feeds a MatMul or Gemm the sparse ops cover; export with "
+                          "--ops standard")
+    return materialize(done)
+
+
 def export(
     checkpoint: str | Path,
     output: str | Path,
@@ -213,6 +229,8 @@ def export(
                            pruned=converted.pruned)
             notes = _coo_notes(records)
             model = encode(converted.model, records)
+            if config.ops == "custom":
+                model = _custom_ops(model)
             sources, quantized, untied = converted.sources, converted.quantized, converted.untied
             del converted  # the unencoded model
             opset = opset_version(model)

@@ -114,7 +114,7 @@ def densify(model: onnx.ModelProto, *, min_bytes: int | None = None) -> Densifie
         weights[name] = array
         return _external(name, array, PLACEHOLDER_LOCATION, 0)
 
-    _strip_decoders(out, min_bytes, keep)
+    strip_decoders(out, min_bytes, keep)
     return Densified(out, weights)
 
 
@@ -136,7 +136,7 @@ def write_dense(path: str | Path, folder: str | Path, *, min_bytes: int = 1 << 1
             fh.write(np.ascontiguousarray(array).data)
             return _external(name, array, DENSE_DATA_FILE, offset + padding)
 
-        _strip_decoders(model, min_bytes, write)
+        strip_decoders(model, min_bytes, write)
     onnx.save(model, str(folder / "model.onnx"))
     return folder / "model.onnx"
 
@@ -149,7 +149,7 @@ def _external(name: str, array: np.ndarray, location: str, offset: int) -> Tenso
     return tensor
 
 
-def _strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
+def strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
     """In place: remove the decode subgraphs; each packed weight is decoded with numpy and handed to
     ``put(name, array) -> TensorProto``, which returns the initializer that takes its place. With ``min_bytes``,
     every other in-proto initializer of at least that many bytes goes through ``put`` as well."""

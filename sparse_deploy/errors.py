@@ -75,3 +75,7 @@ class RuntimeSessionError(SparseDeployError):
 class NonFiniteError(SparseDeployError):
     """A computed result (perplexity, logits, embeddings) came out NaN or infinite: it is reported, never printed
     as a number."""
+
+
+class KernelsUnavailableError(RuntimeSessionError):
+    """The native sparse kernel library was not built or cannot be loaded here; the message says why."""

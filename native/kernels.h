@@ -1,0 +1,76 @@
+// Sparse matrix products over the packed row layout; plain functions over raw pointers, no global state.
+//
+// Layout of a sparse weight W [N, K] (N outputs, K inputs):
+//   mask     uint8 [N, mask_stride], mask_stride = 8 * ceil(K / 64): bit k of row n (byte k/8, bit k%8,
+//            least significant first) is set where W[n, k] is kept; bits at k >= K are zero.
+//   values   [nnz], the kept weights of row 0, then row 1, ... (row-major order).
+//   row_ptr  int64 [N + 1], row n's values are values[row_ptr[n] : row_ptr[n + 1]].
+// Every function computes Y[m, n] for the rows n in [n0, n1) and all m in [0, M), so callers split N over threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sparse_deploy {
+
+struct SparseRows {
+  const uint8_t* mask;
+  const int64_t* row_ptr;
+  int64_t n_rows;       // N
+  int64_t k;            // K
+  int64_t mask_stride;  // bytes per mask row, 8 * ceil(K / 64)
+};
+
+inline int64_t mask_stride_for(int64_t k) { return 8 * ((k + 63) / 64); }
+// Quantized activations are stored with rows padded to this many int8 (zeros beyond K).
+inline int64_t quantized_stride_for(int64_t k) { return 64 * ((k + 63) / 64); }
+
+// Y[m, n] = sum_k X[m, k] * W[n, k] (+ bias[n]); X is [M, K] contiguous, Y has row stride ldy; bias may be null.
+using SparseF32Fn = void (*)(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                             const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);
+
+// Y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] * W[n, k] (+ bias[n]), the sum exact in int32.
+// xq is [M, quantized_stride_for(K)], zero-padded, from quantize_rows.
+using SparseInt8Fn = void (*)(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                              const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
+                              int64_t n1, float* y, int64_t ldy);
+
+// Per row of X [M, K]: s = max|x| / 127, q = clamp(rint(x / s), -127, 127) (q = 0 where s = 0); writes xq with
+// row stride quantized_stride_for(K), zero-padded.
+void quantize_rows(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale);
+
+// Checks the layout (row_ptr starts at 0, never decreases, ends at nnz, matches each row's bit count; no bits
+// beyond K). Returns null when valid, else a static message.
+const char* validate(const SparseRows& w, int64_t nnz);
+
+void sparse_f32_portable(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                         const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);
+void sparse_int8_portable(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                          const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                          float* y, int64_t ldy);
+
+void sparse_f32_avx2(const float* x, int64_t m_rows, const SparseRows& w, const float* values, const float* bias,
+                     int64_t n0, int64_t n1, float* y, int64_t ldy);
+void sparse_int8_avx2(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                      const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                      float* y, int64_t ldy);
+
+void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                       const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);
+void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                        const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                        float* y, int64_t ldy);
+
+// The instruction-set paths; cpu_supports() asks the running CPU.
+enum class Isa { portable, avx2, avx512 };
+bool cpu_supports(Isa isa);
+const char* isa_name(Isa isa);
+
+struct KernelSet {
+  Isa isa;
+  SparseF32Fn f32;
+  SparseInt8Fn int8;
+};
+KernelSet kernels_for(Isa isa);
+
+}  // namespace sparse_deploy

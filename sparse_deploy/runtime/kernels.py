@@ -1,0 +1,173 @@
+"""The native sparse MatMul library (``native/``, built into ``sparse_deploy/_sparse_ops.so``) from Python.
+
+Ops of domain ``ai.sparse_deploy`` (W is [N, K], out x in; the mask row stride is 8 * ceil(K / 64) bytes):
+
+    SparseMatMul(X float [..., K], mask uint8 [N, S], values float [nnz], row_ptr int64 [N+1], bias float [N]?)
+    SparseMatMulInt8(X, mask, values int8 [nnz], row_ptr, scale float [N], bias float [N]?)
+        -> Y float [..., N] = X @ W^T (+ bias)
+
+Bit k of mask row n (byte k // 8, least significant bit first) is set where W[n, k] is kept; values holds the kept
+weights row by row, row n's at values[row_ptr[n]:row_ptr[n + 1]]. The int8 op quantizes each row of X as
+s = max|x| / 127, q = clamp(rint(x / s), -127, 127), sums q * w exactly in int32 and scales by s * scale[n].
+Needs numpy only (never torch, never onnxruntime at import).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_deploy.errors import InvalidInputError, KernelsUnavailableError
+
+DOMAIN = "ai.sparse_deploy"
+OP_FP32 = "SparseMatMul"
+OP_INT8 = "SparseMatMulInt8"
+ISA_ENV = "SPARSE_DEPLOY_ISA"  # avx512 | avx2 | portable: force one path (tests, benchmarks)
+ISAS = ("avx512", "avx2", "portable")
+LIBRARY_NAME = "_sparse_ops.so"
+UNAVAILABLE_NAME = "_sparse_ops.unavailable"  # written by the build in place of the library, with the reason
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str  # why not, when not ok; the library's path when ok
+    path: Path
+
+
+@dataclass(frozen=True)
+class KernelWeights:
+    """The weight inputs of one sparse op, in input order after X (scale only for int8)."""
+
+    mask: np.ndarray  # uint8 [N, 8 * ceil(K / 64)]
+    values: np.ndarray  # float32 or int8 [nnz]
+    row_ptr: np.ndarray  # int64 [N + 1]
+    scale: np.ndarray | None = None  # float32 [N], int8 only
+    shape: tuple[int, int] = (0, 0)  # (N, K)
+
+    @property
+    def op_type(self) -> str:
+        return OP_INT8 if self.scale is not None else OP_FP32
+
+    def inputs(self) -> list[np.ndarray]:
+        arrays = [self.mask, self.values, self.row_ptr]
+        return arrays + ([self.scale] if self.scale is not None else [])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.inputs())
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def library_path() -> Path:
+    """Where the built library lives (whether or not it was built)."""
+    return _package_dir() / LIBRARY_NAME
+
+
+def availability() -> Availability:
+    """Whether the library can be used here, and if not, why (the build's own reason when it recorded one)."""
+    path = library_path()
+    if not path.is_file():
+        marker = _package_dir() / UNAVAILABLE_NAME
+        why = marker.read_text().strip() if marker.is_file() else "the package was installed without building it"
+        return Availability(False, f"native sparse kernels not built ({why}); reinstall with `pip install -e .`", path)
+    try:
+        name = _isa_from(path)
+    except OSError as exc:
+        return Availability(False, f"native sparse kernels at {path} cannot be loaded: {exc}", path)
+    if name.startswith("error"):
+        return Availability(False, f"{ISA_ENV}={os.environ.get(ISA_ENV)!r}: not a path this CPU supports", path)
+    return Availability(True, str(path), path)
+
+
+def _isa_from(path: Path) -> str:
+    lib = ctypes.CDLL(str(path))
+    fn = lib.SparseDeployIsa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def isa() -> str:
+    """The instruction-set path the ops will run (avx512, avx2 or portable); honours SPARSE_DEPLOY_ISA."""
+    state = availability()
+    if not state.ok:
+        raise KernelsUnavailableError(state.reason)
+    return _isa_from(state.path)
+
+
+def register(session_options: Any) -> Path:
+    """Registers the ops with an ``onnxruntime.SessionOptions``; raises KernelsUnavailableError saying why not."""
+    state = availability()
+    if not state.ok:
+        raise KernelsUnavailableError(state.reason)
+    session_options.register_custom_ops_library(str(state.path))
+    return state.path
+
+
+def _as_matrix(w: Any) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise InvalidInputError(f"a sparse weight must be 2-D [out, in], got shape {w.shape}")
+    return w
+
+
+def _mask_and_rows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n, k = keep.shape
+    padded = np.zeros((n, 64 * -(-k // 64)), dtype=bool)
+    padded[:, :k] = keep
+    mask = np.packbits(padded, axis=1, bitorder="little")
+    row_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=row_ptr[1:])
+    return np.ascontiguousarray(mask), row_ptr
+
+
+def pack_rows(w: Any) -> KernelWeights:
+    """Packs a float weight W [N, K] (out x in; zeros are pruned) for SparseMatMul."""
+    w = _as_matrix(w).astype(np.float32, copy=False)
+    keep = w != 0
+    mask, row_ptr = _mask_and_rows(keep)
+    return KernelWeights(mask, np.ascontiguousarray(w[keep]), row_ptr, None, w.shape)
+
+
+def quantize_rows(w: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output row: scale = max|w_row| / 127, q = clamp(rint(w / scale), -127, 127)."""
+    w = _as_matrix(w).astype(np.float32, copy=False)
+    scale = (np.abs(w).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[:, None]
+    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack_rows_int8(w: Any, scale: Any = None) -> KernelWeights:
+    """Packs W [N, K] for SparseMatMulInt8: a float W is quantized with quantize_rows (its zeros stay pruned);
+    an int8 W needs its per-row ``scale`` [N]."""
+    w = _as_matrix(w)
+    if w.dtype == np.int8:
+        if scale is None:
+            raise InvalidInputError("pack_rows_int8: an int8 weight needs its per-row scale")
+        q, scale = w, np.asarray(scale, dtype=np.float32).reshape(-1)
+        keep = q != 0
+    else:
+        keep = w.astype(np.float32, copy=False) != 0
+        q, scale = quantize_rows(w)
+    if scale.shape != (w.shape[0],):
+        raise InvalidInputError(f"pack_rows_int8: scale must be [{w.shape[0]}], got {scale.shape}")
+    mask, row_ptr = _mask_and_rows(keep)
+    return KernelWeights(mask, np.ascontiguousarray(q[keep]), row_ptr, np.ascontiguousarray(scale), w.shape)
+
+
+def quantize_activations(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """What SparseMatMulInt8 does to X, per row of X [M, K]: (q int8 [M, K], s float32 [M]); for references."""
+    x = np.asarray(x, dtype=np.float32)
+    s = (np.abs(x).max(axis=-1) / np.float32(127)).astype(np.float32)
+    safe = np.where(s > 0, s, np.float32(1))[..., None]
+    q = np.where(s[..., None] > 0, np.clip(np.rint(x / safe), -127, 127), 0).astype(np.int8)
+    return q, s

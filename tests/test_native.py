@@ -1,0 +1,304 @@
+"""The native sparse MatMul ops (native/, sparse_deploy.runtime.kernels) against numpy, on every ISA path this CPU
+has, forced in turn through SPARSE_DEPLOY_ISA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sparse_deploy.errors import KernelsUnavailableError
+from sparse_deploy.runtime import kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = kernels.availability()
+pytestmark = pytest.mark.skipif(not STATE.ok, reason=f"native kernels unavailable: {STATE.reason}")
+
+
+def _supported_isas() -> list[str]:
+    if not STATE.ok:
+        return []
+    found = []
+    for name in kernels.ISAS:
+        os.environ[kernels.ISA_ENV] = name
+        try:
+            if kernels.isa() == name:
+                found.append(name)
+        except KernelsUnavailableError:
+            pass
+        finally:
+            del os.environ[kernels.ISA_ENV]
+    return found
+
+
+ISAS = _supported_isas()
+SHAPES = [(1, 1), (7, 1), (1, 63), (5, 64), (33, 65), (31, 130), (70, 200), (9, 1000)]  # (N, K)
+DENSITIES = [0.0, 0.5, 0.9, 1.0]
+MS = [1, 2, 3, 5, 8, 16, 17, 33, 64]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, request.param)
+    assert kernels.isa() == request.param
+    return request.param
+
+
+def _model(op: str, inputs: dict[str, np.ndarray], k: int, n: int, as_initializers: bool = True) -> bytes:
+    names = list(inputs)
+    node = helper.make_node(op, ["X", *names], ["Y"], domain=kernels.DOMAIN)
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    if as_initializers:
+        graph = helper.make_graph([node], "g", [x], [y], [numpy_helper.from_array(a, nm) for nm, a in inputs.items()])
+    else:
+        extra = [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+                 for nm, a in inputs.items()]
+        graph = helper.make_graph([node], "g", [x, *extra], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def _session(model: bytes, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    kernels.register(options)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _weight(rng, n: int, k: int, density: float) -> np.ndarray:
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[rng.random((n, k)) >= density] = 0
+    return w
+
+
+def _inputs(packed: kernels.KernelWeights, bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    names = ["mask", "values", "row_ptr"] + (["scale"] if packed.scale is not None else [])
+    found = dict(zip(names, packed.inputs()))
+    if bias is not None:
+        found["bias"] = bias
+    return found
+
+
+def _int8_reference(x: np.ndarray, packed: kernels.KernelWeights, w_q: np.ndarray, bias) -> np.ndarray:
+    q, s = kernels.quantize_activations(x)
+    acc = q.astype(np.int64) @ w_q.astype(np.int64).T  # the exact integer sums
+    assert np.abs(acc).max(initial=0) < 2**31
+    y = acc.astype(np.float32) * (s[:, None] * packed.scale[None, :]).astype(np.float32)
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_matches_numpy(isa, shape, density, threads):
+    n, k = shape
+    rng = np.random.default_rng(n * 1000 + k)
+    w = _weight(rng, n, k, density)
+    for use_bias in (False, True):
+        bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+        session = _session(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), bias), k, n), threads)
+        for m in MS:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = session.run(None, {"X": x})[0]
+            ref = x.astype(np.float64) @ w.T.astype(np.float64) + (bias if use_bias else 0)
+            scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64) + np.abs(ref) + 1e-30
+            assert y.shape == (m, n) and y.dtype == np.float32
+            np.testing.assert_array_less(np.abs(y - ref), 1e-5 * scale + 1e-37, err_msg=f"{isa} M={m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_equals_exact_integer_reference(isa, shape, density, threads):
+    n, k = shape
+    rng = np.random.default_rng(n * 1000 + k + 1)
+    w = _weight(rng, n, k, density)
+    packed = kernels.pack_rows_int8(w)
+    w_q, _ = kernels.quantize_rows(w)
+    for use_bias in (False, True):
+        bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+        session = _session(_model(kernels.OP_INT8, _inputs(packed, bias), k, n), threads)
+        for m in MS:
+            x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+            y = session.run(None, {"X": x})[0]
+            np.testing.assert_array_equal(y, _int8_reference(x, packed, w_q, bias), err_msg=f"{isa} M={m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_sums_do_not_saturate(isa, threads):
+    """Extreme operands (x = -127, w = +-127 everywhere) overflow 16-bit pair sums and unsigned-offset tricks; with
+    unit scales the output is the integer sum itself, exactly representable in float32."""
+    n, k = 40, 700
+    rng = np.random.default_rng(3)
+    w_q = np.where(rng.random((n, k)) < 0.5, 127, -127).astype(np.int8)
+    w_q[rng.random((n, k)) < 0.3] = 0
+    w_q[:, 0] = 127  # full rows and a row of one sign exercise the largest sums
+    w_q[0] = 127
+    w_q[1] = -127
+    packed = kernels.pack_rows_int8(w_q, np.ones(n, np.float32))
+    session = _session(_model(kernels.OP_INT8, _inputs(packed, None), k, n), threads)
+    for fill in (-127.0, 127.0):
+        x = np.full((3, k), fill, np.float32)
+        x[1, ::2] = -fill
+        x[2] = rng.integers(-127, 128, k)
+        x[2, 0] = 127
+        y = session.run(None, {"X": x})[0]
+        exact = x.astype(np.int64) @ w_q.astype(np.int64).T
+        np.testing.assert_array_equal(y, exact.astype(np.float32))
+        assert np.abs(exact).max() > 2**16  # the case is one that 16-bit arithmetic would get wrong
+
+
+def test_leading_dimensions_and_empty_batch(isa):
+    rng = np.random.default_rng(4)
+    w = _weight(rng, 12, 40, 0.5)
+    session = _session(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), None), 40, 12), 2)
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"X": x})[0], x @ w.T, rtol=1e-5, atol=1e-5)
+    assert session.run(None, {"X": np.zeros((0, 40), np.float32)})[0].shape == (0, 12)
+
+
+def test_large_matrix_split_over_threads(isa):
+    """Big enough that the rows are split into tasks on ONNX Runtime's pool."""
+    rng = np.random.default_rng(5)
+    w = _weight(rng, 517, 1030, 0.5)
+    x = rng.standard_normal((3, 1030)).astype(np.float32)
+    for threads in (1, 2):
+        y = _session(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), None), 1030, 517), threads).run(
+            None, {"X": x})[0]
+        np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def _error_of(model: bytes, feeds: dict[str, np.ndarray]) -> str:
+    with pytest.raises(Exception) as info:
+        _session(model).run(None, feeds)
+    return str(info.value)
+
+
+def test_wrong_shapes_give_clear_errors():
+    rng = np.random.default_rng(6)
+    w = _weight(rng, 8, 100, 0.5)
+    packed = kernels.pack_rows(w)
+    model = _model(kernels.OP_FP32, _inputs(packed, None), 100, 8)
+    message = _error_of(model, {"X": np.zeros((2, 60), np.float32)})
+    assert "mask" in message and "K=60" in message and "SparseMatMul" in message
+
+    bad_bias = _inputs(packed, np.zeros(7, np.float32))
+    assert "bias must be [N] = [8]" in _error_of(_model(kernels.OP_FP32, bad_bias, 100, 8),
+                                                  {"X": np.zeros((1, 100), np.float32)})
+    short = dict(_inputs(packed, None), row_ptr=packed.row_ptr[:-1])
+    assert "row_ptr must be [N+1]" in _error_of(_model(kernels.OP_FP32, short, 100, 8),
+                                                {"X": np.zeros((1, 100), np.float32)})
+    int8 = kernels.pack_rows_int8(w)
+    bad_scale = dict(_inputs(int8, None), scale=np.ones(3, np.float32))
+    assert "scale must be [N]" in _error_of(_model(kernels.OP_INT8, bad_scale, 100, 8),
+                                            {"X": np.zeros((1, 100), np.float32)})
+
+
+def test_inconsistent_layout_is_rejected_not_read_out_of_bounds():
+    rng = np.random.default_rng(7)
+    packed = kernels.pack_rows(_weight(rng, 8, 100, 0.5))
+    feeds = {"X": np.zeros((1, 100), np.float32), **_inputs(packed, None)}
+    model = _model(kernels.OP_FP32, _inputs(packed, None), 100, 8, as_initializers=False)
+    session = _session(model)
+    session.run(None, feeds)  # valid
+    row_ptr = packed.row_ptr.copy()
+    row_ptr[3] += 1
+    with pytest.raises(Exception, match="row_ptr does not match"):
+        session.run(None, dict(feeds, row_ptr=row_ptr))
+    mask = packed.mask.copy()
+    mask[0, -1] |= 0x80  # bit 63 of the last word, beyond K = 100
+    with pytest.raises(Exception, match="beyond K"):
+        session.run(None, dict(feeds, mask=mask))
+    with pytest.raises(Exception, match="number of values"):
+        session.run(None, dict(feeds, values=packed.values[:-1]))
+
+
+def test_missing_library_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_package_dir", lambda: tmp_path)
+    state = kernels.availability()
+    assert not state.ok and "not built" in state.reason
+    (tmp_path / kernels.UNAVAILABLE_NAME).write_text("no C++ compiler found\n")
+    with pytest.raises(KernelsUnavailableError, match="no C\\+\\+ compiler found"):
+        kernels.register(ort.SessionOptions())
+
+
+def test_model_without_registration_fails_to_load():
+    packed = kernels.pack_rows(np.eye(4, dtype=np.float32))
+    with pytest.raises(Exception, match=kernels.DOMAIN.replace(".", r"\.")):
+        ort.InferenceSession(_model(kernels.OP_FP32, _inputs(packed, None), 4, 4), providers=["CPUExecutionProvider"])
+
+
+def test_forced_isa_must_exist(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, "sse9")
+    state = kernels.availability()
+    assert not state.ok and "sse9" in state.reason
+    with pytest.raises(KernelsUnavailableError):
+        kernels.isa()
+
+
+def test_every_path_this_cpu_has_is_tested():
+    assert "portable" in ISAS
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" in flags and " fma" in flags:
+        assert "avx2" in ISAS
+    if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni")):
+        assert "avx512" in ISAS
+
+
+def test_pack_rows_layout():
+    w = np.zeros((2, 70), np.float32)
+    w[0, [0, 9, 69]] = [1, 2, 3]
+    w[1, 64] = 4
+    packed = kernels.pack_rows(w)
+    assert packed.mask.shape == (2, 16) and packed.mask.dtype == np.uint8
+    assert packed.mask[0, 0] == 1 and packed.mask[0, 1] == 2 and packed.mask[0, 8] == 1 << 5
+    assert packed.row_ptr.tolist() == [0, 3, 4] and packed.values.tolist() == [1, 2, 3, 4]
+
+
+def test_kernels_module_needs_no_torch():
+    code = "import sys, sparse_deploy.runtime.kernels as k; k.availability(); k.isa(); sys.exit('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+
+
+def _ort_headers() -> Path | None:
+    candidates = [os.environ.get("SPARSE_DEPLOY_ORT_INCLUDE", ""), "/usr/include/onnxruntime",
+                  *map(str, (ROOT / "build").glob("temp.*/ort-headers/usr/include/onnxruntime"))]
+    return next((Path(c) for c in candidates if c and (Path(c) / "onnxruntime_c_api.h").is_file()), None)
+
+
+def test_c_program_runs_a_sparse_model(tmp_path):
+    """An app outside Python (C, linked against the wheel's libonnxruntime.so) registers the library and runs."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    headers = _ort_headers()
+    libs = sorted((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so*"))
+    if not compiler or headers is None or not libs:
+        pytest.skip(f"needs a C compiler ({compiler}), ONNX Runtime headers ({headers}) and libonnxruntime ({libs})")
+    rng = np.random.default_rng(8)
+    w = _weight(rng, 24, 50, 0.5)
+    bias = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((2, 50)).astype(np.float32)
+    model = tmp_path / "sparse.onnx"
+    model.write_bytes(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), bias), 50, 24))
+    (tmp_path / "x.bin").write_bytes(x.tobytes())
+    exe = tmp_path / "run_sparse"
+    (tmp_path / "libonnxruntime.so.1").symlink_to(libs[-1])  # the wheel's file carries the full version in its name
+    build = subprocess.run([compiler, "-std=c11", "-O1", str(ROOT / "tests" / "native_c" / "run_sparse.c"),
+                            f"-I{headers}", "-o", str(exe), str(tmp_path / "libonnxruntime.so.1"), f"-Wl,-rpath,{tmp_path}"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe), str(model), str(kernels.library_path()), str(tmp_path / "x.bin"), "2", "50",
+                          str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    y = np.fromfile(tmp_path / "y.bin", np.float32).reshape(2, 24)
+    np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from tiny_models import make_tiny
 
 from sparse_deploy.config import ExportConfig
-from sparse_deploy.errors import RuntimeSessionError
+from sparse_deploy.errors import KernelsUnavailableError
 from sparse_deploy.export import export
 from sparse_deploy.formats.export_info import read_export_info
 from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig
@@ -137,7 +137,7 @@ def test_auto_is_sparse_or_dense_per_layer_and_exact(exported, tmp_path, monkeyp
 
 def test_sparse_without_library_is_one_clear_error(exported, monkeypatch):
     monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "built without a compiler"))
-    with pytest.raises(RuntimeSessionError, match="needs the native sparse kernels: built without a compiler"):
+    with pytest.raises(KernelsUnavailableError, match="needs the native sparse kernels: built without a compiler"):
         ExportedModel(exported(), SessionConfig(kernels="sparse"))
     model = ExportedModel(exported(), SessionConfig(kernels="auto"))
     assert model.kernels.sparse == [] and "built without a compiler" in model.kernels.reason
@@ -156,7 +156,7 @@ def test_custom_op_export_round_trip(exported, monkeypatch):
     _, custom = run_decoder(folder, "auto")
     assert np.abs(custom - dense).max() <= 1e-5 * np.abs(dense).max()
     monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "not built"))
-    with pytest.raises(RuntimeSessionError, match=r"--ops custom.*_sparse_ops\.so: not built"):
+    with pytest.raises(KernelsUnavailableError, match=r"--ops custom.*_sparse_ops\.so: not built"):
         ExportedModel(folder)
 
 

@@ -176,7 +176,8 @@ def _coo_notes(records: tuple[TensorEncoding, ...]) -> tuple[str, ...]:
 def _custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each packed weight and its MatMul/Gemm as one SparseMatMul node (``--ops custom``), written into the file."""
     from sparse_deploy.runtime.kernel_choice import packer
-    from sparse_deploy.runtime.session import KernelsUnavailableError, native_kernels
+    from sparse_deploy.errors import KernelsUnavailableError
+    from sparse_deploy.runtime.session import native_kernels
     from sparse_deploy.runtime.sparse_ops import materialize, rewrite
 
     native, reason = native_kernels()

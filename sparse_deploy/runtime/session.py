@@ -18,8 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from sparse_deploy import errors
-from sparse_deploy.errors import ConfigError, RuntimeSessionError, first_line
+from sparse_deploy.errors import ConfigError, KernelsUnavailableError, RuntimeSessionError, first_line
 from sparse_deploy.formats.export_info import read_export_info
 from sparse_deploy.integrity import verify_export
 from sparse_deploy.runtime.kernel_choice import Choice, KernelMode, check_mode
@@ -142,9 +141,6 @@ class ExportedModel:
 
     def input_names(self) -> set[str]:
         return {i.name for i in self.session.get_inputs()}
-
-
-KernelsUnavailableError = getattr(errors, "KernelsUnavailableError", RuntimeSessionError)
 
 
 def native_kernels():

@@ -27,10 +27,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, packed_names, strip_decoders
+from sparse_deploy.runtime.kernels import DOMAIN, OP_FP32, OP_INT8  # the native library's op contract (numpy only)
 
-DOMAIN = "ai.sparse_deploy"  # the native library's op domain (sparse_deploy.runtime.kernels.DOMAIN)
-OP_FP32 = "SparseMatMul"
-OP_INT8 = "SparseMatMulInt8"
+__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Rewritten", "Site", "find_sites", "materialize", "rewrite"]
 MIN_EXTERNAL_BYTES = 1 << 16  # initializers of this size or more go to the session as arrays, not in the proto
 
 

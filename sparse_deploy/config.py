@@ -15,6 +15,9 @@ Sweep = Literal["auto", "numba", "torch"]
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+KERNEL_MODES: tuple[str, ...] = ("auto", "sparse", "dense")  # which layers run on the native sparse kernels
+
+
 @dataclass(frozen=True)
 class SparsitySpec:
     """What to prune: an unstructured fraction ``sparsity``, or ``n`` of every aligned group of ``m`` inputs."""
@@ -170,8 +173,11 @@ class EvalConfig:
     device: Device = "auto"
     trust_remote_code: bool = False
     verify: bool = True  # exported folders: check model files against export.json's sha256 before loading
+    kernels: str = "auto"  # exported folders: auto | sparse | dense (see sparse_deploy.runtime.kernel_choice)
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {self.kernels!r}")
         if not self.dataset:
             raise ConfigError("dataset is empty; give wikitext2, ptb or a path to a text file")
         if self.seqlen is not None and self.seqlen < 2:

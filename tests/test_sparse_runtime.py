@@ -169,3 +169,20 @@ def test_int8_packed_runs_sparse_int8(exported):
     # both quantize activations dynamically (ORT: uint8 asymmetric per tensor; the op: int8 symmetric per row)
     rel = np.abs(sparse - dense).max() / np.abs(dense).max()
     assert rel < 0.05, rel
+
+
+def test_cli_kernels_and_bench_say_what_ran(exported, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sparse_deploy.cli import app
+
+    monkeypatch.setenv("SPARSE_DEPLOY_CACHE", str(tmp_path))
+    out = CliRunner().invoke(app, ["kernels"])
+    assert "library: " in out.output and "_sparse_ops.so" in out.output
+    assert out.exit_code == (0 if _native is not None else 1)
+    assert ("available: yes" if _native is not None else "available: no") in out.output
+    monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "no compiler here"))
+    model = ExportedModel(exported(), SessionConfig(threads=1))
+    from sparse_deploy.cli import _kernels_line
+
+    assert _kernels_line(model.kernels.to_json()) == "sparse kernels: not used (no compiler here)"

@@ -24,11 +24,11 @@ from typing import Literal
 
 import numpy as np
 
+from sparse_deploy.config import KERNEL_MODES
 from sparse_deploy.errors import ConfigError
 from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
 
 KernelMode = Literal["auto", "sparse", "dense"]
-KERNEL_MODES: tuple[str, ...] = ("auto", "sparse", "dense")
 PREFILL_M = 128
 PREFILL_SLACK = 1.1  # a sparse layer may be this much slower than dense on a prompt and still be kept
 TABLE_NAME = "kernel-choice.json"

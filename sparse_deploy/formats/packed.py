@@ -157,12 +157,18 @@ def strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
     prefixes = decoder_prefixes(names)
     decode = decoder_outputs(model, names)
     nodes = [node for node in model.graph.node if node.output[0] not in decode]
-    kept = [put(name, read_packed(model, name)) for name in names]
+    by_name = {init.name: init for init in model.graph.initializer}
+    kept = []
+    for name in names:  # each weight's packed data is dropped from the proto once decoded: memory stays ~flat
+        kept.append(put(name, read_packed(model, name)))
+        for key in [n for n in by_name if n.startswith(f"{name}.packed.") and not n.endswith(".shape")]:
+            by_name[key].ClearField("raw_data")
     for init in model.graph.initializer:
         if init.name.startswith(prefixes):
             continue
         if min_bytes is not None and init.data_location != TensorProto.EXTERNAL and tensor_bytes(init) >= min_bytes:
             kept.append(put(init.name, numpy_helper.to_array(init)))
+            init.ClearField("raw_data")
         else:
             kept.append(init)
     del model.graph.node[:]

@@ -1,16 +1,238 @@
-// AVX2 + FMA path (placeholder until the vector kernels land: runs the reference code).
+// AVX2 + FMA path (x86-64-v3: Haswell and later, AMD Zen 1-3). Per-function target attributes; dispatch.cpp only
+// calls it where supported.
+//
+// fp32: each mask byte selects a row of two 256-entry tables: vpermps indices that move the next popcount(byte)
+// values of the row to the byte's set bits, and a lane mask that zeroes the rest.
+// int8: 16 columns (two mask bytes) per 128-bit lane: one pshufb with a per-byte index table (plus the first
+// byte's popcount for the second) expands the packed values; the products are exact in int32 through the sign
+// trick: pmaddubsw(|w|, sign(x, w)) pairs stay within +-2 * 127 * 127 < 32767, then pmaddwd with ones.
+// R weight rows share each x load; MT rows of X share each expanded weight vector (prefill).
+#include <immintrin.h>
+
+#include <array>
+
 #include "kernels.h"
 
-namespace sparse_deploy {
+#define SD_AVX2 __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define SD_UNROLL _Pragma("GCC unroll 16")
 
-void sparse_f32_avx2(const float* x, int64_t m_rows, const SparseRows& w, const float* values, const float* bias,
-                     int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  sparse_f32_portable(x, m_rows, w, values, bias, n0, n1, y, ldy);
+namespace sparse_deploy {
+namespace {
+
+constexpr int kPrefetchBytes = 1024;
+
+struct ExpandTables {
+  alignas(32) int32_t index[256][8];  // vpermps source lane for each destination lane
+  alignas(32) int32_t keep[256][8];   // all ones where the bit is set
+  uint64_t shuffle[256];              // pshufb control for 8 bytes: rank of each set bit, 0x80 (zero) elsewhere
+};
+
+constexpr ExpandTables make_tables() {
+  ExpandTables t{};
+  for (int b = 0; b < 256; ++b) {
+    int rank = 0;
+    uint64_t shuffle = 0;
+    for (int i = 0; i < 8; ++i) {
+      const bool set = (b >> i) & 1;
+      t.index[b][i] = set ? rank : 0;
+      t.keep[b][i] = set ? -1 : 0;
+      shuffle |= uint64_t(set ? rank : 0x80) << (8 * i);
+      rank += set;
+    }
+    t.shuffle[b] = shuffle;
+  }
+  return t;
 }
-void sparse_int8_avx2(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
-                      const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+
+constexpr ExpandTables kTables = make_tables();
+
+template <typename V>
+SD_AVX2 inline V opaque(V v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+SD_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+SD_AVX2 inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---- fp32 ----
+
+// One 8-column step. Fast: an 8-float load that cannot run past the end of values; else a masked load.
+template <int R, int MT, bool Fast>
+SD_AVX2 inline void f32_step(const float* x, int64_t k, const __m256i* xm, const uint8_t* bits, const float** vals,
+                             __m256 (&acc)[MT][R]) {
+  __m256 wv[R];
+  SD_UNROLL for (int r = 0; r < R; ++r) {
+    const unsigned b = bits[r];
+    const __m256i keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b]));
+    const int count = _mm_popcnt_u32(b);
+    const __m256 packed =
+        Fast ? _mm256_loadu_ps(vals[r])
+             : _mm256_maskload_ps(vals[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1])));
+    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
+    wv[r] = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_castsi256_ps(keep));
+    vals[r] += count;
+    _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) {
+    const __m256 xv = xm ? _mm256_maskload_ps(x + m * k, *xm) : _mm256_loadu_ps(x + m * k);
+    SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+  }
+}
+
+template <int R, int MT, bool Fast>
+SD_AVX2 void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float** vals, float* out) {
+  __m256 acc[MT][R];
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t full = k / 8;
+  uint8_t bits[R];
+  for (int64_t c = 0; c < full; ++c) {
+    SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = mask[r][c];
+    f32_step<R, MT, Fast>(x + c * 8, k, nullptr, bits, vals, acc);
+  }
+  if (full * 8 < k) {
+    SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = mask[r][full];
+    const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << (k % 8)) - 1]));
+    f32_step<R, MT, false>(x + full * 8, k, &tail, bits, vals, acc);
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) out[m * R + r] = hsum(acc[m][r]);
+}
+
+template <int R, int MT>
+SD_AVX2 void f32_rows(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n,
                       float* y, int64_t ldy) {
-  sparse_int8_portable(xq, x_scale, m_rows, w, values, w_scale, bias, n0, n1, y, ldy);
+  const uint8_t* mask[R];
+  const float* vals[R];
+  for (int r = 0; r < R; ++r) {
+    mask[r] = w.mask + (n + r) * w.mask_stride;
+    vals[r] = values + w.row_ptr[n + r];
+  }
+  float out[MT * R];
+  if (w.row_ptr[n + R] + 8 <= w.row_ptr[w.n_rows])
+    f32_tile<R, MT, true>(x, w.k, mask, vals, out);
+  else
+    f32_tile<R, MT, false>(x, w.k, mask, vals, out);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) y[m * ldy + n + r] = out[m * R + r] + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int MT>
+SD_AVX2 void f32_block(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n0,
+                       int64_t n1, float* y, int64_t ldy) {
+  constexpr int R = MT == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) f32_rows<R, MT>(x, w, values, bias, n, y, ldy);
+  for (; n < n1; ++n) f32_rows<1, MT>(x, w, values, bias, n, y, ldy);
+}
+
+// ---- int8 ----
+
+// The 16 values of mask bytes b0, b1 placed at their columns, from packed bytes at p (needs 16 readable bytes).
+SD_AVX2 inline __m128i expand16(const int8_t* p, unsigned b0, unsigned b1) {
+  const uint64_t lo = kTables.shuffle[b0];
+  const uint64_t hi = kTables.shuffle[b1] + uint64_t(_mm_popcnt_u32(b0)) * 0x0101010101010101ull;  // 0x80 stays set
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_shuffle_epi8(packed, _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo)));
+}
+
+// Copies the (at most 16) bytes expand16 reads into a zeroed buffer first: for the end of the values array.
+SD_AVX2 inline __m128i expand16_safe(const int8_t* p, unsigned b0, unsigned b1) {
+  alignas(16) int8_t buf[16] = {};
+  const int n = _mm_popcnt_u32(b0) + _mm_popcnt_u32(b1);
+  for (int i = 0; i < n; ++i) buf[i] = p[i];
+  return expand16(buf, b0, b1);
+}
+
+template <int R, int MT, bool Fast>
+SD_AVX2 void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask, const int8_t** vals,
+                       int32_t* out) {
+  __m256i acc[MT][R];
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t groups = (k + 31) / 32;  // 32 columns: 4 mask bytes (mask rows are whole 64-bit words)
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i wv[R];
+    SD_UNROLL for (int r = 0; r < R; ++r) {
+      const uint8_t* b = mask[r] + 4 * g;
+      const int8_t* p0 = vals[r];
+      const int8_t* p1 = p0 + _mm_popcnt_u32(b[0]) + _mm_popcnt_u32(b[1]);
+      const __m128i lo = Fast ? expand16(p0, b[0], b[1]) : expand16_safe(p0, b[0], b[1]);
+      const __m128i hi = Fast ? expand16(p1, b[2], b[3]) : expand16_safe(p1, b[2], b[3]);
+      wv[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      vals[r] = p1 + _mm_popcnt_u32(b[2]) + _mm_popcnt_u32(b[3]);
+      _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
+    }
+    SD_UNROLL for (int m = 0; m < MT; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + 32 * g));
+      SD_UNROLL for (int r = 0; r < R; ++r) {
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r]));
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) out[m * R + r] = hsum(acc[m][r]);
+}
+
+template <int R, int MT>
+SD_AVX2 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
+                       const float* w_scale, const float* bias, int64_t n, float* y, int64_t ldy) {
+  const uint8_t* mask[R];
+  const int8_t* vals[R];
+  for (int r = 0; r < R; ++r) {
+    mask[r] = w.mask + (n + r) * w.mask_stride;
+    vals[r] = values + w.row_ptr[n + r];
+  }
+  int32_t out[MT * R];
+  const int64_t ldq = quantized_stride_for(w.k);
+  if (w.row_ptr[n + R] + 32 <= w.row_ptr[w.n_rows])
+    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, out);
+  else
+    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, out);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r)
+      y[m * ldy + n + r] =
+          static_cast<float>(out[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int MT>
+SD_AVX2 void int8_block(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
+                        const float* w_scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int R = MT == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
+  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
+}
+
+constexpr int64_t kMTile = 4;
+
+}  // namespace
+
+SD_AVX2 void sparse_f32_avx2(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                             const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kMTile <= m_rows; m += kMTile) f32_block<kMTile>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
+  for (; m < m_rows; ++m) f32_block<1>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
+}
+
+SD_AVX2 void sparse_int8_avx2(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                              const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                              float* y, int64_t ldy) {
+  const int64_t ldq = quantized_stride_for(w.k);
+  int64_t m = 0;
+  for (; m + kMTile <= m_rows; m += kMTile)
+    int8_block<kMTile>(xq + m * ldq, x_scale + m, w, values, w_scale, bias, n0, n1, y + m * ldy, ldy);
+  for (; m < m_rows; ++m) int8_block<1>(xq + m * ldq, x_scale + m, w, values, w_scale, bias, n0, n1, y + m * ldy, ldy);
 }
 
 }  // namespace sparse_deploy

@@ -1,16 +1,190 @@
-// AVX-512 path (placeholder until the vector kernels land: runs the reference code).
+// AVX-512 path (F, BW, VL, VBMI2, VNNI: Zen 4/5, Ice Lake and later). Compiled with per-function target
+// attributes, so the rest of the library still runs on any x86-64; dispatch.cpp only calls it where supported.
+//
+// The mask decode costs one instruction per 16 floats / 64 int8: vexpandps / vpexpandb place the next kept values
+// of the row at the set bits of the mask word, zeros elsewhere, so the product with the dense x needs no gather.
+// R weight rows share each x load and give R independent pointer chains; MT rows of X share each expanded weight
+// vector (prefill).
+#include <immintrin.h>
+
 #include "kernels.h"
 
-namespace sparse_deploy {
+// GCC 12 warns inside its own _mm512_reduce_add_* headers; nothing here is read uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
-void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values, const float* bias,
-                     int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  sparse_f32_portable(x, m_rows, w, values, bias, n0, n1, y, ldy);
+#define SD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt,bmi,bmi2")))
+
+namespace sparse_deploy {
+namespace {
+
+// ---- fp32 ----
+
+// Y[m0 .. m0+MT, n .. n+R] over all of K.
+#define SD_UNROLL _Pragma("GCC unroll 16")
+
+// Software prefetch distance into each row's value stream: with R rows in flight the hardware prefetchers alone
+// left the fp32 kernel at ~60% of the bandwidth it reaches with this (4096x4096, 50%, one thread).
+constexpr int kPrefetchBytes = 1024;
+
+// A plain load the compiler may not fold into the instruction that uses it (GCC turns load + vexpandps into the
+// memory form, which is the slow one).
+template <typename V>
+SD_AVX512 inline V opaque(V v) {
+  __asm__("" : "+v"(v));
+  return v;
 }
-void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
-                      const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
-                      float* y, int64_t ldy) {
-  sparse_int8_portable(xq, x_scale, m_rows, w, values, w_scale, bias, n0, n1, y, ldy);
+
+// One 16-column step: expand R rows' next values at their mask bits, multiply with MT rows of x.
+// Fast: a full 16-float load then a register expand (the memory form of vexpandps is microcoded on AMD Zen); used
+// only where that load cannot run past the end of values. Otherwise the fault-suppressing expand-load.
+template <int R, int MT, bool Fast>
+SD_AVX512 inline void f32_step(const float* x, int64_t k, __mmask16 xm, const uint16_t* bits, const float** vals,
+                               __m512 (&acc)[MT][R]) {
+  __m512 wv[R];
+  SD_UNROLL for (int r = 0; r < R; ++r) {
+    const __mmask16 b = bits[r];
+    wv[r] = Fast ? _mm512_maskz_expand_ps(b, opaque(_mm512_loadu_ps(vals[r]))) : _mm512_maskz_expandloadu_ps(b, vals[r]);
+    vals[r] += _mm_popcnt_u32(b);
+    _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) {
+    const __m512 xv = _mm512_maskz_loadu_ps(xm, x + m * k);
+    SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+  }
+}
+
+// Y[m0 .. m0+MT, n .. n+R] over all of K.
+template <int R, int MT, bool Fast>
+SD_AVX512 inline void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float** vals,
+                               float* out /* [MT][R] */) {
+  __m512 acc[MT][R];
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t chunks = (k + 15) / 16;  // 16-bit pieces of the mask rows
+  const int64_t full = k / 16;
+  uint16_t bits[R];
+  for (int64_t c = 0; c < full; ++c) {
+    SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = reinterpret_cast<const uint16_t*>(mask[r])[c];
+    f32_step<R, MT, Fast>(x + c * 16, k, __mmask16(0xFFFF), bits, vals, acc);
+  }
+  if (full < chunks) {
+    SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = reinterpret_cast<const uint16_t*>(mask[r])[full];
+    f32_step<R, MT, false>(x + full * 16, k, __mmask16((1u << (k % 16)) - 1), bits, vals, acc);
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int R, int MT>
+SD_AVX512 void f32_rows(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n,
+                        float* y, int64_t ldy) {
+  const uint8_t* mask[R];
+  const float* vals[R];
+  for (int r = 0; r < R; ++r) {
+    mask[r] = w.mask + (n + r) * w.mask_stride;
+    vals[r] = values + w.row_ptr[n + r];
+  }
+  float out[MT * R];
+  if (w.row_ptr[n + R] + 16 <= w.row_ptr[w.n_rows])
+    f32_tile<R, MT, true>(x, w.k, mask, vals, out);
+  else
+    f32_tile<R, MT, false>(x, w.k, mask, vals, out);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) y[m * ldy + n + r] = out[m * R + r] + (bias ? bias[n + r] : 0.0f);
+}
+
+// All rows n0..n1 for MT rows of X.
+template <int MT>
+SD_AVX512 void f32_block(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n0,
+                         int64_t n1, float* y, int64_t ldy) {
+  constexpr int R = MT == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) f32_rows<R, MT>(x, w, values, bias, n, y, ldy);
+  for (; n < n1; ++n) f32_rows<1, MT>(x, w, values, bias, n, y, ldy);
+}
+
+// ---- int8 ----
+
+// x is quantized int8; vpdpbusd multiplies unsigned by signed bytes, so it takes u = q + 128 and the row's
+// sum of 128 * w is subtracted: sum(q * w) = sum(u * w) - 128 * sum(w), every step exact in int32.
+template <int R, int MT, bool Fast>
+SD_AVX512 inline void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask,
+                                const int8_t** vals, int32_t* out /* [MT][R] */) {
+  __m512i acc[MT][R];
+  __m512i corr[R];
+  SD_UNROLL for (int r = 0; r < R; ++r) {
+    corr[r] = _mm512_setzero_si512();
+    SD_UNROLL for (int m = 0; m < MT; ++m) acc[m][r] = _mm512_setzero_si512();
+  }
+  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t words = (k + 63) / 64;
+  for (int64_t wi = 0; wi < words; ++wi) {
+    __m512i wv[R];
+    SD_UNROLL for (int r = 0; r < R; ++r) {
+      const uint64_t b = reinterpret_cast<const uint64_t*>(mask[r])[wi];
+      wv[r] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r]))) : _mm512_maskz_expandloadu_epi8(b, vals[r]);
+      vals[r] += _mm_popcnt_u64(b);
+      _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
+      corr[r] = _mm512_dpbusd_epi32(corr[r], bias128, wv[r]);
+    }
+    SD_UNROLL for (int m = 0; m < MT; ++m) {
+      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(xq + m * ldq + wi * 64), bias128);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xu, wv[r]);
+    }
+  }
+  SD_UNROLL for (int r = 0; r < R; ++r) {
+    const int32_t c = _mm512_reduce_add_epi32(corr[r]);
+    SD_UNROLL for (int m = 0; m < MT; ++m) out[m * R + r] = _mm512_reduce_add_epi32(acc[m][r]) - c;
+  }
+}
+
+template <int R, int MT>
+SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
+                         const float* w_scale, const float* bias, int64_t n, float* y, int64_t ldy) {
+  const uint8_t* mask[R];
+  const int8_t* vals[R];
+  for (int r = 0; r < R; ++r) {
+    mask[r] = w.mask + (n + r) * w.mask_stride;
+    vals[r] = values + w.row_ptr[n + r];
+  }
+  int32_t out[MT * R];
+  const int64_t ldq = quantized_stride_for(w.k);
+  if (w.row_ptr[n + R] + 64 <= w.row_ptr[w.n_rows])
+    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, out);
+  else
+    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, out);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r)
+      y[m * ldy + n + r] = static_cast<float>(out[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int MT>
+SD_AVX512 void int8_block(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
+                          const float* w_scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int R = MT == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
+  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
+}
+
+constexpr int64_t kMTile = 4;  // rows of X per expanded weight vector
+
+}  // namespace
+
+SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                                 const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kMTile <= m_rows; m += kMTile) f32_block<kMTile>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
+  for (; m < m_rows; ++m) f32_block<1>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
+}
+
+SD_AVX512 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                                  const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
+                                  int64_t n1, float* y, int64_t ldy) {
+  const int64_t ldq = quantized_stride_for(w.k);
+  int64_t m = 0;
+  for (; m + kMTile <= m_rows; m += kMTile)
+    int8_block<kMTile>(xq + m * ldq, x_scale + m, w, values, w_scale, bias, n0, n1, y + m * ldy, ldy);
+  for (; m < m_rows; ++m) int8_block<1>(xq + m * ldq, x_scale + m, w, values, w_scale, bias, n0, n1, y + m * ldy, ldy);
 }
 
 }  // namespace sparse_deploy

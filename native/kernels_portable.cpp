@@ -35,7 +35,11 @@ const char* validate(const SparseRows& w, int64_t nnz) {
     for (int64_t b = full_bytes + (tail_bits ? 1 : 0); b < w.mask_stride; ++b)
       if (row[b]) return "mask has bits set beyond K";
     int64_t count = 0;
-    for (int64_t b = 0; b < w.mask_stride; ++b) count += __builtin_popcount(row[b]);
+    for (int64_t b = 0; b < w.mask_stride; b += 8) {
+      uint64_t word;
+      std::memcpy(&word, row + b, 8);
+      count += __builtin_popcountll(word);
+    }
     if (w.row_ptr[n + 1] - w.row_ptr[n] != count) return "row_ptr does not match the bits set in each mask row";
   }
   return nullptr;

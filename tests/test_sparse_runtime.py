@@ -118,7 +118,8 @@ def test_auto_follows_the_timing_table(tmp_path):
     table.save()
     assert TimingTable("test machine", tmp_path / "table.json").entries == table.entries
     assert TimingTable("another machine", tmp_path / "table.json").entries == {}
-    assert not Timing((2.0, 20.0), (1.0, 30.0)).sparse_wins, "a much slower prefill keeps the layer dense"
+    assert Timing((2.0, 20.0), (1.0, 30.0)).sparse_wins, "64 decode steps gain more than the prompt loses"
+    assert not Timing((2.0, 20.0), (1.9, 30.0)).sparse_wins, "a prompt slower by more than the decode gain"
     forced = Choice("sparse")
     assert chooser("sparse", forced, lambda s: pytest.fail("sparse times nothing"), None)(slow)
     assert not chooser("dense", Choice("dense"), lambda s: pytest.fail("dense times nothing"), None)(fast)

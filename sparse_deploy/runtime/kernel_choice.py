@@ -3,8 +3,11 @@
 ``sparse`` puts every packed layer the ops cover on a sparse node, ``dense`` none. ``auto`` (the default) keeps a
 sparse node only where it is faster on this CPU: for each distinct layer (shape, dtype, sparsity to the nearest
 5%) it times ONNX Runtime's dense kernel against the sparse op on single-node models with random weights of that
-pattern, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the sparse op when it is faster at
-M = 1 and not more than ``PREFILL_SLACK`` slower at the prompt. The dense kernel is ORT's fp32 MatMul for fp32
+pattern, runs of the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
+sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
+``DECODE_STEPS`` tokens) takes less time with it. A layer's node serves every M, so a layer whose decode gain
+outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
+is. The dense kernel is ORT's fp32 MatMul for fp32
 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
 Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
 build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
@@ -30,7 +33,7 @@ from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
 
 KernelMode = Literal["auto", "sparse", "dense"]
 PREFILL_M = 128
-PREFILL_SLACK = 1.1  # a sparse layer may be this much slower than dense on a prompt and still be kept
+DECODE_STEPS = 64  # the reference generation: a PREFILL_M-token prompt, then this many tokens
 TABLE_NAME = "kernel-choice.json"
 _WARMUP, _REPEATS = 2, 7
 _BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after 3 timed runs)
@@ -57,7 +60,9 @@ class Timing:
 
     @property
     def sparse_wins(self) -> bool:
-        return self.sparse_ms[0] < self.dense_ms[0] and self.sparse_ms[1] <= self.dense_ms[1] * PREFILL_SLACK
+        dense = self.dense_ms[1] + DECODE_STEPS * self.dense_ms[0]
+        sparse = self.sparse_ms[1] + DECODE_STEPS * self.sparse_ms[0]
+        return self.sparse_ms[0] < self.dense_ms[0] and sparse < dense
 
 
 @dataclass
@@ -207,19 +212,23 @@ def measure(site: Site, native, threads: int | None) -> Timing:
             register(options)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def median_ms(sess, m: int) -> float:
-        x = rng.standard_normal((m, k), dtype=np.float32)
-        for _ in range(_WARMUP if m == 1 else 1):
-            sess.run(None, {"x": x})
-        samples: list[float] = []
-        while len(samples) < _REPEATS and (len(samples) < 3 or sum(samples) < _BUDGET_S):
-            start = time.perf_counter()
-            sess.run(None, {"x": x})
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples) * 1e3
+    def median_ms(sessions, m: int) -> tuple[float, float]:
+        """Medians of the two sessions' runs, interleaved so that a busy machine slows both alike."""
+        x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
+        for sess in sessions:
+            for _ in range(_WARMUP if m == 1 else 1):
+                sess.run(None, x)
+        samples: list[list[float]] = [[], []]
+        while len(samples[0]) < _REPEATS and (len(samples[0]) < 3 or sum(map(sum, samples)) < 2 * _BUDGET_S):
+            for sess, out in zip(sessions, samples):
+                start = time.perf_counter()
+                sess.run(None, x)
+                out.append(time.perf_counter() - start)
+        return statistics.median(samples[0]) * 1e3, statistics.median(samples[1]) * 1e3
 
-    dense, sparse = session(dense_node, dense_inits), session(sparse_node, sparse_inits)
-    decode = (median_ms(dense, 1), median_ms(sparse, 1))
-    if decode[1] >= decode[0]:  # dense wins the decode step: the prompt is not timed (recorded as equal)
-        return Timing((decode[0], decode[0]), (decode[1], decode[0]))
-    return Timing((decode[0], median_ms(dense, PREFILL_M)), (decode[1], median_ms(sparse, PREFILL_M)))
+    pair = (session(dense_node, dense_inits), session(sparse_node, sparse_inits))
+    d1, s1 = median_ms(pair, 1)
+    if s1 >= d1:  # dense wins the decode step: the prompt is not timed (recorded as equal)
+        return Timing((d1, d1), (s1, d1))
+    dm, sm = median_ms(pair, PREFILL_M)
+    return Timing((d1, dm), (s1, sm))

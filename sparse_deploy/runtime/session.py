@@ -169,8 +169,10 @@ def _open_custom(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
 
     native, reason = native_kernels()
     if native is None:
+        from sparse_deploy.runtime.kernels import library_path
+
         raise KernelsUnavailableError(f"{onnx_file} uses the {DOMAIN} sparse ops (exported with --ops custom), which "
-                                      f"need the native library sparse_deploy/_sparse_ops.so: {reason}")
+                                      f"need the native library {library_path()}: {reason}")
     choice.isa, choice.reason = native.isa(), "custom-op export: the sparse nodes are in the file"
     options = _options(config)
     native.register(options)

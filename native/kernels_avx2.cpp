@@ -92,7 +92,9 @@ SD_AVX2 inline void f32_step(const float* x, int64_t k, const __m256i* xm, const
 }
 
 template <int R, int MT, bool Fast>
-SD_AVX2 void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float** vals, float* out) {
+SD_AVX2 void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float* const* values, float* out) {
+  const float* vals[R];  // local, so the pointer chains stay in registers
+  SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m256 acc[MT][R];
   SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t full = k / 8;
@@ -155,8 +157,10 @@ SD_AVX2 inline __m128i expand16_safe(const int8_t* p, unsigned b0, unsigned b1) 
 }
 
 template <int R, int MT, bool Fast>
-SD_AVX2 void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask, const int8_t** vals,
+SD_AVX2 void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask, const int8_t* const* values,
                        int32_t* out) {
+  const int8_t* vals[R];  // local, so the pointer chains stay in registers
+  SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m256i acc[MT][R];
   SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);

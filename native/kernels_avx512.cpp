@@ -7,6 +7,9 @@
 // vector (prefill).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "kernels.h"
 
 // GCC 12 warns inside its own _mm512_reduce_add_* headers; nothing here is read uninitialized.
@@ -20,7 +23,6 @@ namespace {
 
 // ---- fp32 ----
 
-// Y[m0 .. m0+MT, n .. n+R] over all of K.
 #define SD_UNROLL _Pragma("GCC unroll 16")
 
 // Software prefetch distance into each row's value stream: with R rows in flight the hardware prefetchers alone
@@ -54,52 +56,63 @@ SD_AVX512 inline void f32_step(const float* x, int64_t k, __mmask16 xm, const ui
   }
 }
 
-// Y[m0 .. m0+MT, n .. n+R] over all of K.
+// Y[m0 .. m0+MT, n .. n+R] over the 16-column chunks [c0, c1) of K; vals (in/out) are the rows' value cursors.
 template <int R, int MT, bool Fast>
-SD_AVX512 inline void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float** vals,
-                               float* out /* [MT][R] */) {
+SD_AVX512 inline void f32_tile(const float* x, int64_t k, const uint8_t* const* mask, const float** values,
+                               int64_t c0, int64_t c1, float* out /* [MT][R] */) {
+  const float* vals[R];  // local, so the pointer chains stay in registers
+  SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m512 acc[MT][R];
   SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t chunks = (k + 15) / 16;  // 16-bit pieces of the mask rows
-  const int64_t full = k / 16;
+  const int64_t full = std::min(c1, k / 16);  // chunks with 16 columns inside K
   uint16_t bits[R];
-  for (int64_t c = 0; c < full; ++c) {
+  for (int64_t c = c0; c < full; ++c) {
     SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = reinterpret_cast<const uint16_t*>(mask[r])[c];
     f32_step<R, MT, Fast>(x + c * 16, k, __mmask16(0xFFFF), bits, vals, acc);
   }
-  if (full < chunks) {
+  if (full < c1) {
     SD_UNROLL for (int r = 0; r < R; ++r) bits[r] = reinterpret_cast<const uint16_t*>(mask[r])[full];
     f32_step<R, MT, false>(x + full * 16, k, __mmask16((1u << (k % 16)) - 1), bits, vals, acc);
   }
+  SD_UNROLL for (int r = 0; r < R; ++r) values[r] = vals[r];
   SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 template <int R, int MT>
-SD_AVX512 void f32_rows(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n,
-                        float* y, int64_t ldy) {
+SD_AVX512 void f32_rows(const float* x, const SparseRows& w, const float** cursor, int64_t nnz, int64_t n,
+                        int64_t c0, int64_t c1, float* y, int64_t ldy) {
   const uint8_t* mask[R];
-  const float* vals[R];
-  for (int r = 0; r < R; ++r) {
-    mask[r] = w.mask + (n + r) * w.mask_stride;
-    vals[r] = values + w.row_ptr[n + r];
-  }
+  for (int r = 0; r < R; ++r) mask[r] = w.mask + (n + r) * w.mask_stride;
   float out[MT * R];
-  if (w.row_ptr[n + R] + 16 <= w.row_ptr[w.n_rows])
-    f32_tile<R, MT, true>(x, w.k, mask, vals, out);
+  if (w.row_ptr[n + R] + 16 <= nnz)
+    f32_tile<R, MT, true>(x, w.k, mask, cursor, c0, c1, out);
   else
-    f32_tile<R, MT, false>(x, w.k, mask, vals, out);
+    f32_tile<R, MT, false>(x, w.k, mask, cursor, c0, c1, out);
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) y[m * ldy + n + r] = out[m * R + r] + (bias ? bias[n + r] : 0.0f);
+    for (int r = 0; r < R; ++r) y[m * ldy + n + r] += out[m * R + r];
 }
 
-// All rows n0..n1 for MT rows of X.
+// All rows n0..n1 for MT rows of X. With several rows of X, K is walked in blocks of kBlockChunks * 16 columns so
+// those rows of x stay in L1 while every row of W passes over them.
+constexpr int64_t kBlockChunks = 32;
+
 template <int MT>
 SD_AVX512 void f32_block(const float* x, const SparseRows& w, const float* values, const float* bias, int64_t n0,
-                         int64_t n1, float* y, int64_t ldy) {
+                         int64_t n1, float* y, int64_t ldy, const float** cursor /* [n1 - n0] */) {
   constexpr int R = MT == 1 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) f32_rows<R, MT>(x, w, values, bias, n, y, ldy);
-  for (; n < n1; ++n) f32_rows<1, MT>(x, w, values, bias, n, y, ldy);
+  const int64_t nnz = w.row_ptr[w.n_rows];
+  const int64_t chunks = (w.k + 15) / 16;
+  const int64_t step = MT == 1 ? chunks : kBlockChunks;
+  for (int64_t n = n0; n < n1; ++n) {
+    cursor[n - n0] = values + w.row_ptr[n];
+    for (int m = 0; m < MT; ++m) y[m * ldy + n] = bias ? bias[n] : 0.0f;
+  }
+  for (int64_t c0 = 0; c0 < chunks; c0 += step) {
+    const int64_t c1 = std::min(chunks, c0 + step);
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) f32_rows<R, MT>(x, w, cursor + (n - n0), nnz, n, c0, c1, y, ldy);
+    for (; n < n1; ++n) f32_rows<1, MT>(x, w, cursor + (n - n0), nnz, n, c0, c1, y, ldy);
+  }
 }
 
 // ---- int8 ----
@@ -108,7 +121,9 @@ SD_AVX512 void f32_block(const float* x, const SparseRows& w, const float* value
 // sum of 128 * w is subtracted: sum(q * w) = sum(u * w) - 128 * sum(w), every step exact in int32.
 template <int R, int MT, bool Fast>
 SD_AVX512 inline void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask,
-                                const int8_t** vals, int32_t* out /* [MT][R] */) {
+                                const int8_t* const* values, int32_t* out /* [MT][R] */) {
+  const int8_t* vals[R];  // local, so the pointer chains stay in registers
+  SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m512i acc[MT][R];
   __m512i corr[R];
   SD_UNROLL for (int r = 0; r < R; ++r) {
@@ -172,9 +187,11 @@ constexpr int64_t kMTile = 4;  // rows of X per expanded weight vector
 
 SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                                  const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  std::vector<const float*> cursor(static_cast<size_t>(n1 - n0));
   int64_t m = 0;
-  for (; m + kMTile <= m_rows; m += kMTile) f32_block<kMTile>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
-  for (; m < m_rows; ++m) f32_block<1>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
+  for (; m + kMTile <= m_rows; m += kMTile)
+    f32_block<kMTile>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy, cursor.data());
+  for (; m < m_rows; ++m) f32_block<1>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy, cursor.data());
 }
 
 SD_AVX512 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,

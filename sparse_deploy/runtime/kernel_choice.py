@@ -205,6 +205,8 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         model.ir_version = 8
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # two sessions take turns: a pool spinning after its run would steal the other's cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

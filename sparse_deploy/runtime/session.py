@@ -204,7 +204,7 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
         keep = kc.chooser(config.kernels, choice, lambda site: kc.measure(site, native, config.threads), table)
     try:
         model = onnx.load(str(onnx_file))
-        done = rewrite(model, pack or _no_pack, keep, int8=True)
+        done = rewrite(model, pack, keep, int8=True)
     except (OSError, ValueError, KeyError, DecodeError) as exc:
         raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
     if table is not None:
@@ -227,10 +227,6 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
         raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
     del values, names  # ONNX Runtime copied the external initializers into its own buffers (measured, 1.31)
     return session
-
-
-def _no_pack(site, weight, scale):
-    raise AssertionError("no site is kept without the native kernels")
 
 
 def load_tokenizer(folder: Path):

@@ -138,7 +138,7 @@ def _int8_chain(node, uses, producers, inits):
 
 def rewrite(
     model: onnx.ModelProto,
-    pack: Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]],
+    pack: Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]] | None,
     keep: Callable[[Site], bool] = lambda site: True,
     *,
     int8: bool = True,
@@ -146,8 +146,9 @@ def rewrite(
 ) -> Rewritten:
     """In place: every packed weight is decoded once; where ``keep(site)`` holds, its consumer becomes a sparse node
     whose weight inputs are ``pack(site, W [N, K], scale [N] or None)`` (mask, values, row_ptr[, scale]); the other
-    packed weights stay dense. Initializers of ``min_bytes`` or more leave the proto for ``arrays``."""
-    sites = {site.weight: site for site in find_sites(model, int8=int8) if keep(site)}
+    packed weights stay dense (all of them when ``pack`` is None: no native library). Initializers of ``min_bytes`` or
+    more leave the proto for ``arrays``."""
+    sites = {site.weight: site for site in find_sites(model, int8=int8) if pack is not None and keep(site)}
     uses = _consumers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     inits = {init.name: init for init in model.graph.initializer}

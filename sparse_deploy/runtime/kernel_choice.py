@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ KernelMode = Literal["auto", "sparse", "dense"]
 PREFILL_M = 128
 DECODE_STEPS = 64  # the reference generation: a PREFILL_M-token prompt, then this many tokens
 TABLE_NAME = "kernel-choice.json"
-_WARMUP, _REPEATS = 2, 7
+_WARMUP, _REPEATS = 2, 15
 _BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after 3 timed runs)
 
 
@@ -53,7 +52,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Timing:
-    """Median milliseconds of one layer pattern at M = 1 and M = PREFILL_M."""
+    """Milliseconds (fastest of interleaved runs) of one layer pattern at M = 1 and M = PREFILL_M."""
 
     dense_ms: tuple[float, float]
     sparse_ms: tuple[float, float]
@@ -215,7 +214,8 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def median_ms(sessions, m: int) -> tuple[float, float]:
-        """Medians of the two sessions' runs, interleaved so that a busy machine slows both alike."""
+        """Fastest runs of the two sessions, interleaved: on a shared machine other work only ever adds time, so
+        the minimum is the stable estimate of each kernel's own cost."""
         x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
         for sess in sessions:
             for _ in range(_WARMUP if m == 1 else 1):
@@ -226,7 +226,7 @@ def measure(site: Site, native, threads: int | None) -> Timing:
                 start = time.perf_counter()
                 sess.run(None, x)
                 out.append(time.perf_counter() - start)
-        return statistics.median(samples[0]) * 1e3, statistics.median(samples[1]) * 1e3
+        return min(samples[0]) * 1e3, min(samples[1]) * 1e3
 
     pair = (session(dense_node, dense_inits), session(sparse_node, sparse_inits))
     d1, s1 = median_ms(pair, 1)

@@ -1,6 +1,16 @@
-"""What sparsity, int8 and int4 buy at run time on this CPU: an OPT-125m-shaped model, 50% pruned, under ONNX Runtime.
+"""What sparsity and int8 buy at run time on this CPU: a model of a known shape, 50% pruned, under ONNX Runtime.
 
-    python benchmarks/bench_runtime.py [--prompt-len 128] [--new-tokens 64] [--runs 5] [--threads N] [--json PATH]
+    python benchmarks/bench_runtime.py [--model opt-125m|tinyllama] [--layers N] [--prompt-len 128]
+        [--new-tokens 64] [--runs 5] [--threads N] [--json PATH]
+
+``--model tinyllama`` (TinyLlama-1.1B's shape: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads,
+vocab 32000; random weights, decoder linears magnitude-pruned to 50% row-wise; ``--layers`` keeps fewer blocks of
+the same shape) measures the variants of the sparse-kernel issue, each in a fresh process: dense-fp32, dense-int8,
+sparse-fp32 and sparse-int8, the sparse ones with kernels auto and sparse (forced); dense-int4 is listed as not
+exported (export has no int4 yet). ``--json`` then writes a list of objects with keys variant, kernels,
+decode_tokens_per_s, prefill_ms, load_s, peak_rss_mb, isa.
+
+``--model opt-125m`` (the default) is the older study below.
 
 Variants, each exported by ``sparse_deploy.export`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
@@ -16,7 +26,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_export import make_checkpoint, spec_of  # noqa: E402
+from bench_export import SHARED, make_checkpoint, spec_of  # noqa: E402
 
 from sparse_deploy import ExportConfig, export  # noqa: E402
 from sparse_deploy.runtime.bench import BenchConfig, Comparison, measure_in_subprocess  # noqa: E402
@@ -95,6 +105,88 @@ def wrapper_overhead(folder: Path, steps: int, threads: int | None) -> dict[str,
     return result
 
 
+LLAMA_VARIANTS = {  # variant -> (export settings, kernel modes measured)
+    "dense-fp32": (ExportConfig(encoding="dense"), ("dense",)),
+    "dense-int8": (ExportConfig(encoding="dense", quantize="int8"), ("dense",)),
+    "sparse-fp32": (ExportConfig(encoding="packed"), ("auto", "sparse")),
+    "sparse-int8": (ExportConfig(encoding="packed", quantize="int8"), ("auto", "sparse")),
+}
+
+
+def make_tinyllama(folder: Path, layers: int) -> Path:
+    """TinyLlama-1.1B's shape with random weights; every decoder-block Linear magnitude-pruned to 50% per row."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                W = module.weight
+                cut = W.abs().kthvalue(W.shape[1] // 2, dim=1, keepdim=True).values
+                W[W.abs() <= cut] = 0
+    model.save_pretrained(folder)
+    del model
+    # a real BPE tokenizer for export's parity check (the bench feeds random ids below the vocabulary)
+    AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "opt").save_pretrained(folder)
+    return folder
+
+
+def tinyllama(args, config: BenchConfig) -> None:
+    from sparse_deploy.machine import machine_info
+
+    with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
+        work = args.work or Path(tmp)
+        checkpoint = make_tinyllama(work / f"tinyllama-{args.layers}l", args.layers)
+        rows = []
+        for variant, (export_config, modes) in LLAMA_VARIANTS.items():
+            folder = work / f"tinyllama-{args.layers}l-{variant}"
+            if not (folder / "model.onnx").exists():
+                start = time.perf_counter()
+                export(checkpoint, folder, export_config, force=True)
+                print(f"exported {variant} in {time.perf_counter() - start:.0f} s", flush=True)
+            for mode in modes:
+                cold = None
+                if mode == "auto":  # the first auto load times each layer shape; the recorded run reads the cache
+                    cold = measure_in_subprocess(folder, replace(config, kernels=mode, runs=1)).load_s
+                r = measure_in_subprocess(folder, replace(config, kernels=mode))
+                row = {"variant": variant, "kernels": mode, "decode_tokens_per_s": r.tokens_per_s,
+                       "prefill_ms": r.prefill_ms.p50_ms, "load_s": r.load_s,
+                       "peak_rss_mb": r.peak_rss_bytes / 2**20, "isa": r.kernels.get("isa"),
+                       "decode_ms_p50": r.decode_ms.p50_ms, "decode_ms_p90": r.decode_ms.p90_ms,
+                       "file_mb": r.file_bytes / 1e6, "sparse_layers": r.kernels.get("sparse_layers"),
+                       "dense_layers": r.kernels.get("dense_layers"), "kernels_note": r.kernels.get("reason"),
+                       "load_s_cold_cache": cold}
+                rows.append(row)
+                print(f"measured {variant} kernels={mode}: {r.tokens_per_s:.2f} tok/s", flush=True)
+        rows.append({"variant": "dense-int4", "kernels": "dense", "decode_tokens_per_s": None, "prefill_ms": None,
+                     "load_s": None, "peak_rss_mb": None, "isa": None,
+                     "kernels_note": "not measured: export has no int4 (MatMulNBits) option yet"})
+    base = {r["variant"]: r for r in rows if r["kernels"] == "dense"}
+    print(f"\n# TinyLlama-1.1B shape, {args.layers} layers, 50% pruned; prompt {config.prompt_len}, "
+          f"{config.new_tokens} new tokens, batch {config.batch}, {config.threads} threads; "
+          f"{machine_info(('onnxruntime', 'torch')).describe()}")
+    print(f"{'variant':<12} {'kernels':<7} {'file MB':>8} {'load s':>7} {'RSS MB':>7} {'prefill ms':>10} "
+          f"{'tok/s':>7} {'vs fp32':>8} {'vs int8':>8} {'sparse/dense layers':>20} isa")
+    for r in rows:
+        if r["decode_tokens_per_s"] is None:
+            print(f"{r['variant']:<12} {r['kernels']:<7} {r['kernels_note']}")
+            continue
+        fp32 = r["decode_tokens_per_s"] / base["dense-fp32"]["decode_tokens_per_s"]
+        int8 = r["decode_tokens_per_s"] / base["dense-int8"]["decode_tokens_per_s"]
+        print(f"{r['variant']:<12} {r['kernels']:<7} {r['file_mb']:8.1f} {r['load_s']:7.2f} {r['peak_rss_mb']:7.0f} "
+              f"{r['prefill_ms']:10.1f} {r['decode_tokens_per_s']:7.2f} {fp32:7.2f}x {int8:7.2f}x "
+              f"{r['sparse_layers'] or 0:>9}/{r['dense_layers'] or 0:<10} {r['isa'] or '-'}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -103,8 +195,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--model", choices=("opt-125m", "tinyllama"), default="opt-125m")
+    parser.add_argument("--layers", type=int, default=22, help="tinyllama: decoder blocks (22 is the real model)")
     args = parser.parse_args()
     config = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, threads=args.threads)
+    if args.model == "tinyllama":
+        tinyllama(args, replace(config, threads=args.threads or 2))
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
         work = args.work or Path(tmp)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sparse_deploy import __version__
-from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
+from sparse_deploy.formats.checkpoint import LayerRecord, Manifest, write_manifest
 from sparse_deploy.config import EvalConfig, PruneConfig
 from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity
@@ -185,7 +185,7 @@ def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalRepo
     if config.device == "cuda":
         raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
                           "checkpoint folders only")
-    exported = ExportedModel(folder, SessionConfig(verify=config.verify))
+    exported = ExportedModel(folder, SessionConfig(verify=config.verify, kernels=config.kernels))
     _check_reference(exported.info.kind, config)
     tokenizer = load_tokenizer(str(folder))
     text = load_text(config.dataset, "test", config.max_chars)

@@ -62,6 +62,27 @@ FORCE_HELP = ("Replace the output folder when sparse-deploy wrote it (it holds s
               "never an input or another folder.")
 
 
+class KernelsChoice(str, Enum):
+    auto = "auto"
+    sparse = "sparse"
+    dense = "dense"
+
+
+KERNELS_HELP = ("Which packed layers run on the native sparse kernels: auto (those faster than dense on this CPU, "
+                "timed once and cached), sparse (all; an error without the library), dense (none).")
+
+
+def _kernels_line(kernels: dict) -> str | None:
+    """One line on what ran on the sparse kernels, or why nothing did."""
+    if not kernels:
+        return None
+    if kernels.get("sparse_layers"):
+        return (f"sparse kernels: {kernels['sparse_layers']} layers sparse, {kernels['dense_layers']} dense "
+                f"(kernels={kernels['mode']}, {kernels['isa']} path)")
+    why = kernels.get("reason") or f"kernels={kernels['mode']}"
+    return f"sparse kernels: not used ({why})"
+
+
 @contextmanager
 def reported() -> Iterator[None]:
     """Turn a SparseDeployError into a one-line message and a non-zero exit."""
@@ -183,13 +204,14 @@ def eval_(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    kernels: KernelsChoice = typer.Option(KernelsChoice.auto, "--kernels", help=KERNELS_HELP),
 ) -> None:
     """Perplexity of a causal LM by the standard protocol, or an encoder's embedding cosine to a reference."""
     with reported():
         _writable_file(json_path, "--json")
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
                             device=device, trust_remote_code=trust_remote_code,
-                            verify=not no_verify)  # type: ignore[arg-type]
+                            verify=not no_verify, kernels=kernels.value)  # type: ignore[arg-type]
         report = api.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
@@ -242,6 +264,33 @@ def inspect(
                 "pruned_zeros": zeros, "pruned_params": params,
                 "total_zeros": result.total_zeros, "total_params": result.total_params,
             })
+        typer.echo(_availability_line())
+
+
+def _availability_line() -> str:
+    from sparse_deploy.runtime.session import native_kernels
+
+    native, reason = native_kernels()
+    if native is None:
+        return f"sparse kernels: unavailable here ({reason}); exports run dense"
+    return f"sparse kernels: available ({native.isa()} path, {native.library_path()})"
+
+
+@app.command("kernels")
+def kernels_command() -> None:
+    """The native sparse kernel library: its path (for apps that register it), whether it loads here and why not,
+    and the instruction-set path it runs."""
+    with reported():
+        from sparse_deploy.runtime import kernels as native
+
+        state = native.availability()
+        typer.echo(f"library: {native.library_path()}")
+        typer.echo(f"domain: {native.DOMAIN} (ops {native.OP_FP32}, {native.OP_INT8})")
+        if state.ok:
+            typer.echo(f"available: yes\nisa: {native.isa()} (force one with {native.ISA_ENV}=avx512|avx2|portable)")
+        else:
+            typer.echo(f"available: no ({state.reason})")
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -260,6 +309,7 @@ def bench(
         False, "--allow-mismatch", help="Compare with a baseline of another architecture, shape or vocabulary."
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    kernels: KernelsChoice = typer.Option(KernelsChoice.auto, "--kernels", help=KERNELS_HELP),
 ) -> None:
     """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
     with reported():
@@ -269,10 +319,13 @@ def bench(
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")
         config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs,
-                             verify=not no_verify)
+                             verify=not no_verify, kernels=kernels.value)
         comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config,
                                allow_mismatch=allow_mismatch)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
+        line = _kernels_line(comparison.model.kernels)
+        if line:
+            typer.echo(line)
         if json_path:
             _write_json(json_path, comparison.to_json())
         if plot:
@@ -288,6 +341,7 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="Intra-op threads [default: one per core]."),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the prompt and continuation here."),
+    kernels: KernelsChoice = typer.Option(KernelsChoice.auto, "--kernels", help=KERNELS_HELP),
 ) -> None:
     """Greedy continuation of a prompt through ONNX Runtime, with the KV cache."""
     with reported():
@@ -297,7 +351,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
-        model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify))
+        model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify, kernels=kernels.value))
         continuation = run_generate(model, prompt, max_new_tokens)
         typer.echo(prompt + continuation)
         if json_path:
@@ -309,6 +363,11 @@ class EncodingChoice(str, Enum):
     coo = "coo"
     dense = "dense"
     auto = "auto"
+
+
+class OpsChoice(str, Enum):
+    standard = "standard"
+    custom = "custom"
 
 
 class QuantizeChoice(str, Enum):
@@ -349,6 +408,12 @@ def export_command(
         None, "--group-size", help="int4 only: input columns per 4-bit scale, 32, 64 or 128 [default: 32].",
     ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
+    ops: OpsChoice = typer.Option(
+        OpsChoice.standard, "--ops",
+        help="standard: the portable file (any ONNX Runtime; sparse-deploy's runtime swaps in its sparse kernels "
+             "itself). custom: SparseMatMul nodes in the file, for apps that register the native library "
+             "(`sparse-deploy kernels` prints its path); needs --encoding packed.",
+    ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the export info (export.json) here."),
@@ -368,7 +433,7 @@ def export_command(
         if group_size is not None and quantize != QuantizeChoice.int4:
             raise ConfigError(f"--group-size applies to --quantize int4 only (got --quantize {quantize.value})")
         config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
-                              group_size=32 if group_size is None else group_size,
+                              group_size=32 if group_size is None else group_size, ops=ops.value,
                               trust_remote_code=trust_remote_code)
         report = export(checkpoint, output, config, force=force, progress=True)
         encoded = report.encoded

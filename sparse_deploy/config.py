@@ -15,6 +15,9 @@ Sweep = Literal["auto", "numba", "torch"]
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+KERNEL_MODES: tuple[str, ...] = ("auto", "sparse", "dense")  # which layers run on the native sparse kernels
+
+
 @dataclass(frozen=True)
 class SparsitySpec:
     """What to prune: an unstructured fraction ``sparsity``, or ``n`` of every aligned group of ``m`` inputs."""
@@ -170,8 +173,11 @@ class EvalConfig:
     device: Device = "auto"
     trust_remote_code: bool = False
     verify: bool = True  # exported folders: check model files against export.json's sha256 before loading
+    kernels: str = "auto"  # exported folders: auto | sparse | dense (see sparse_deploy.runtime.kernel_choice)
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {self.kernels!r}")
         if not self.dataset:
             raise ConfigError("dataset is empty; give wikitext2, ptb or a path to a text file")
         if self.seqlen is not None and self.seqlen < 2:
@@ -197,6 +203,8 @@ INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 # last_hidden_state (encoders). fp32 is float rounding; int8 and int4 are what their grids cost on the tiny test
 # models and stdlib-opt-4l, with a margin (benchmarks/RESULTS.md, "Quantization").
 DEFAULT_TOLERANCES: dict[str, float] = {"none": 1e-3, "int8": 0.1, "int4": 0.4}
+ExportOps = Literal["standard", "custom"]
+EXPORT_OPS: tuple[str, ...] = ("standard", "custom")
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,10 @@ class ExportConfig:
     (zeros stay exactly 0), accuracy level 4.
     ``group_size``: int4 only, 32, 64 or 128 input columns per scale.
     ``opset``: the ONNX opset; None takes the exporter's default for the architecture.
+    ``ops``: ``standard`` writes the portable file (packed weights rebuilt by standard ops; the runtime swaps in
+    the native sparse kernels itself); ``custom`` writes each packed weight and its MatMul as one SparseMatMul node
+    of the ``ai.sparse_deploy`` domain, for apps that register the native library (``sparse-deploy kernels`` prints
+    its path). ``custom`` needs ``encoding`` packed and the library at export time.
     ``min_sparsity``: a weight counts as pruned when at least this fraction of it is zero (or when the checkpoint's
     ``sparse_deploy.json`` records it as pruned); other weights stay dense.
     ``tolerance``: the largest logit difference allowed, relative to the largest logit magnitude; None takes
@@ -226,6 +238,7 @@ class ExportConfig:
     quantize: Quantization = "none"
     group_size: int = 32
     opset: int | None = None
+    ops: ExportOps = "standard"
     min_sparsity: float = 0.25
     tolerance: float | None = None
     validation_text: str | None = None
@@ -245,6 +258,14 @@ class ExportConfig:
         if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
             raise ConfigError(f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                               f"got {self.group_size!r}")
+        if self.ops not in EXPORT_OPS:
+            raise ConfigError(f"ops must be standard or custom, got {self.ops!r}")
+        if self.ops == "custom" and self.encoding != "packed":
+            raise ConfigError(f"ops custom needs encoding packed (the sparse ops read packed weights), got "
+                              f"{self.encoding!r}")
+        if self.ops == "custom" and self.quantize == "int4":
+            raise ConfigError("ops custom does not cover int4: its weights are MatMulNBits blocks, not packed; "
+                              "use --ops standard")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
                                        or not 14 <= self.opset <= _newest_opset()):
             raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "

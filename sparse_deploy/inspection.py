@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_deploy.checkpoint import Manifest, read_manifest
+from sparse_deploy.formats.checkpoint import Manifest, read_manifest
 from sparse_deploy.hf import check_finite_weights
 from sparse_deploy.errors import InvalidInputError, ModelLoadError, first_line
 

@@ -16,7 +16,7 @@ from conftest import shared_path
 from tiny_models import make_tiny
 from sparse_deploy import ExportConfig, export
 from sparse_deploy.adapters import adapter_for
-from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
+from sparse_deploy.formats.checkpoint import LayerRecord, Manifest, write_manifest
 from sparse_deploy.config import DEFAULT_TOLERANCES, SparsitySpec
 from sparse_deploy.errors import (
     ExportMismatchError, ModelLoadError, OutputExistsError, UnsupportedModelError,

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from sparse_deploy.checkpoint import LayerRecord, Manifest, read_manifest, write_manifest
+from sparse_deploy.formats.checkpoint import LayerRecord, Manifest, read_manifest, write_manifest
 from sparse_deploy.errors import InvalidInputError, OutputExistsError
 from sparse_deploy.io import staged_output
 
@@ -98,3 +98,14 @@ def test_side_files_are_the_ones_a_model_needs(tmp_path):
     # remote code travels only when trusted and named by auto_map (see test_bad_inputs)
     assert (target / "tokenizer.json").read_text() == "written by save_pretrained"
     assert (target / "1_Pooling" / "config.json").exists()
+
+
+def test_export_info_reads_settings(tmp_path):
+    from sparse_deploy.formats.export_info import read_export_info, write_export_info
+
+    assert not read_export_info(tmp_path).present
+    write_export_info(tmp_path, {"settings": {"encoding": "packed", "quantize": "int8", "opset": 18},
+                                 "totals": {"weights": 3}})
+    info = read_export_info(tmp_path)
+    assert (info.encoding, info.quantize, info.ops, info.opset, info.packed) == ("packed", "int8", "standard", 18, True)
+    assert info.summary() == {"encoding": "packed", "quantize": "int8", "ops": "standard", "totals": {"weights": 3}}

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from sparse_deploy.adapters import REGISTRY, adapter_for
 from sparse_deploy.api import evaluate, prune
-from sparse_deploy.checkpoint import read_manifest
+from sparse_deploy.formats.checkpoint import read_manifest
 from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
 from sparse_deploy.errors import CalibrationError, ModelLoadError, OutputExistsError, UnsupportedModelError
 

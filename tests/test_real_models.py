@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 
 from sparse_deploy.api import evaluate, prune
-from sparse_deploy.checkpoint import read_manifest
+from sparse_deploy.formats.checkpoint import read_manifest
 from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
 from sparse_deploy.inspection import inspect_checkpoint
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx
 
-from sparse_deploy.checkpoint import Manifest, read_manifest
+from sparse_deploy.formats.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
 from sparse_deploy.hf import check_finite_weights, remote_code_refused

@@ -7,7 +7,6 @@ The output folder holds ``model.onnx`` (plus ``model.onnx_data`` past 2 GB), the
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import time
 import warnings
@@ -26,12 +25,12 @@ from sparse_deploy.export.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_int
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
+from sparse_deploy.formats.export_info import EXPORT_INFO_NAME, FORMAT_VERSION, write_export_info
 from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
 
-REPORT_NAME = "export.json"
-FORMAT_VERSION = 1
+REPORT_NAME = EXPORT_INFO_NAME
 _STEPS = ("load checkpoint", "export ONNX", "quantize", "encode weights", "save and check", "validate")
 
 
@@ -56,7 +55,8 @@ _SCHEMES = {
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What ``export()`` wrote and measured; ``to_json()`` is the content of export.json."""
+    """What ``export()`` wrote and measured; ``to_json()`` is the content of export.json
+    (``sparse_deploy.formats.export_info`` documents it and reads it back)."""
 
     output: Path
     files: Mapping[str, int]  # model file name -> bytes
@@ -194,6 +194,23 @@ def _coo_notes(records: tuple[TensorEncoding, ...]) -> tuple[str, ...]:
     return notes
 
 
+def _custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each packed weight and its MatMul/Gemm as one SparseMatMul node (``--ops custom``), written into the file."""
+    from sparse_deploy.runtime.kernel_choice import packer
+    from sparse_deploy.errors import KernelsUnavailableError
+    from sparse_deploy.runtime.session import native_kernels
+    from sparse_deploy.runtime.sparse_ops import materialize, rewrite
+
+    native, reason = native_kernels()
+    if native is None:
+        raise KernelsUnavailableError(f"--ops custom packs the weights with the native sparse kernels: {reason}")
+    done = rewrite(model, packer(native), min_bytes=None)
+    if not done.sparse:
+        raise ExportError("--ops custom: no packed weight feeds a MatMul or Gemm the sparse ops cover; export with "
+                          "--ops standard")
+    return materialize(done)
+
+
 def export(
     checkpoint: str | Path,
     output: str | Path,
@@ -235,6 +252,8 @@ def export(
                            pruned=converted.pruned)
             notes = _coo_notes(records)
             model = encode(converted.model, records)
+            if config.ops == "custom":
+                model = _custom_ops(model)
             sources, quantized, untied = converted.sources, converted.quantized, converted.untied
             del converted  # the unencoded model
             opset = opset_version(model)
@@ -260,7 +279,7 @@ def export(
                 parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
             )
             info = {**report.to_json(), DIGEST_KEY: file_digests(stage, report.files)}  # verified on open
-            (stage / REPORT_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            write_export_info(stage, info)
             bar.update(len(_STEPS) - bar.n)
     finally:
         bar.close()

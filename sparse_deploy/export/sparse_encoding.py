@@ -12,7 +12,9 @@ ops were chosen by measurement: a 256-entry lookup table instead of BitShift/Bit
 of Gather (9x faster for element-wise lookups in ONNX Runtime 1.31), int32 index arithmetic. Row chunks keep every
 folded tensor below ONNX Runtime's 1 GB constant-folding limit. ONNX Runtime keeps every folded intermediate until
 its folding pass ends, so the decode holds about 22 bytes per weight at its peak whatever the chunk size.
-``write_dense`` decodes the packed weights with numpy instead, one at a time, into a dense model file that ONNX
+The layout itself (``pack``, ``unpack``, ``read_packed``, ``densify``, ``write_dense``) lives in
+``sparse_deploy.formats.packed``, which the runtime reads without importing export. ``write_dense`` decodes the
+packed weights with numpy instead, one at a time, into a dense model file that ONNX
 Runtime loads like any dense export (the runtime's default way to open packed exports); ``densify`` does the same
 in memory.
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,6 +34,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy.errors import ExportError
+from sparse_deploy.formats.packed import (  # noqa: F401  (re-exported: the packed layout's home is formats/)
+    DEFAULT_CHUNK_ELEMS, SHARED_PREFIX, Densified, bit_table, chunk_rows, densify, pack, packed_names, read_packed,
+    tensor_bytes, unpack, write_dense,
+)
 
 Encoding = Literal["packed", "coo", "dense"]
 EncodingMode = Literal["packed", "coo", "dense", "auto"]
@@ -41,10 +46,8 @@ ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense")
 # Operators whose input 1 is a weight matrix that pruning may have sparsified.
 _WEIGHT_CONSUMERS = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1}
 _WEIGHT_DTYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8)
-_SHARED = "sparse_deploy.packed"
 PACKED_MIN_OPSET = 11  # CumSum, GatherElements
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf files stop at 2 GB; keep headroom for the graph itself
-DEFAULT_CHUNK_ELEMS = 1 << 26  # 256 MB int32 per folded node; ONNX Runtime does not fold outputs over 1 GB
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,6 @@ class TensorEncoding:
     @property
     def stored_bytes(self) -> int:
         return {"dense": self.dense_bytes, "packed": self.packed_bytes, "coo": self.coo_bytes}[self.encoding]
-
-
-def chunk_rows(rows: int, cols: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> list[tuple[int, int]]:
-    """Row ranges of the decode chunks: about ``chunk_elems`` weights each, a multiple of 8 rows (so every chunk
-    but the last holds a whole number of bytes of bits)."""
-    step = max(8, chunk_elems // max(1, cols) // 8 * 8)
-    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def packed_nbytes(shape: tuple[int, ...], itemsize: int, nnz: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
@@ -145,139 +141,6 @@ def plan(
     return tuple(records)
 
 
-def pack(weight: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row chunk: (bits [⌈n/8⌉] uint8 of the flattened chunk, values [nnz + 1] with a leading 0)."""
-    parts = []
-    for start, stop in chunk_rows(*weight.shape, chunk_elems):
-        flat = weight[start:stop].reshape(-1)  # [n], row-major
-        mask = flat != 0
-        if mask.sum() >= np.iinfo(np.int32).max:
-            raise ExportError(f"a weight of shape {weight.shape} has too many nonzeros for int32 indices")
-        bits = np.packbits(mask, bitorder="little")  # [⌈n/8⌉]: bit j of byte b is weight 8b + j
-        parts.append((bits, np.concatenate([np.zeros(1, weight.dtype), flat[mask]])))  # [nnz + 1]
-    return parts
-
-
-def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
-    """The numpy reference of the decode subgraph: the dense weight [R, C] from ``pack``'s chunks."""
-    rows, cols = shape
-    values0 = parts[0][1]
-    out = np.zeros(rows * cols, dtype=values0.dtype)
-    done = 0
-    for k, (bits, values) in enumerate(parts):
-        n = rows * cols - done if k == len(parts) - 1 else bits.size * 8  # all but the last chunk fill whole bytes
-        mask = np.unpackbits(bits, count=n, bitorder="little").view(bool)  # [n]
-        out[done : done + n][mask] = values[1:]  # the nonzeros in row-major order, after the leading zero
-        done += n
-    return out.reshape(rows, cols)
-
-
-def read_packed(model: onnx.ModelProto, name: str) -> np.ndarray:
-    """Decode the packed weight ``name`` of an encoded model with numpy (what ONNX Runtime's folding computes)."""
-    inits = {init.name: init for init in model.graph.initializer}
-    shape = inits.get(f"{name}.packed.shape")
-    if shape is None:
-        raise ExportError(f"{name} is not a packed weight of this model")
-    parts, k = [], 0
-    while f"{name}.packed.{k}.bits" in inits:
-        parts.append((numpy_helper.to_array(inits[f"{name}.packed.{k}.bits"]),
-                      numpy_helper.to_array(inits[f"{name}.packed.{k}.values"])))
-        k += 1
-    rows, cols = (int(d) for d in numpy_helper.to_array(shape))
-    return unpack(parts, (rows, cols))
-
-
-PLACEHOLDER_LOCATION = "sparse_deploy-decoded-in-memory"
-DENSE_DATA_FILE = "weights.bin"
-
-
-@dataclass(frozen=True)
-class Densified:
-    """A packed model with its decode subgraphs taken out: each packed weight is an external-data placeholder in
-    ``model`` and its decoded array is in ``weights`` (for tests and tools that want the arrays in memory)."""
-
-    model: onnx.ModelProto
-    weights: dict[str, np.ndarray]
-
-
-def packed_names(model: onnx.ModelProto) -> list[str]:
-    suffix = ".packed.shape"
-    return [init.name[: -len(suffix)] for init in model.graph.initializer if init.name.endswith(suffix)]
-
-
-def densify(model: onnx.ModelProto, *, min_bytes: int | None = None) -> Densified:
-    """Decode every packed weight with numpy (see ``Densified``). With ``min_bytes``, every other initializer of at
-    least that many bytes moves to ``weights`` too, so the model proto shrinks to the graph."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    weights: dict[str, np.ndarray] = {}
-
-    def keep(name: str, array: np.ndarray) -> TensorProto:
-        weights[name] = array
-        return _external(name, array, PLACEHOLDER_LOCATION, 0)
-
-    _strip_decoders(out, min_bytes, keep)
-    return Densified(out, weights)
-
-
-def write_dense(path: str | Path, folder: str | Path, *, min_bytes: int = 1 << 16) -> Path:
-    """Decode a packed model file with numpy into a dense model in ``folder``: ``model.onnx`` (the graph) and
-    ``weights.bin`` (every initializer of ``min_bytes`` or more, 64-byte aligned). Weights are decoded and written
-    one at a time, so the memory held is the packed model plus one weight. ONNX Runtime then loads the dense file
-    as it loads any dense export: this is how ``sparse_deploy.runtime`` opens packed exports by default, since
-    ONNX Runtime's own constant folding of the decode subgraphs holds every intermediate until it ends."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(path))
-    with open(folder / DENSE_DATA_FILE, "wb") as fh:
-
-        def write(name: str, array: np.ndarray) -> TensorProto:
-            offset = fh.tell()
-            padding = (-offset) % 64
-            fh.write(b"\0" * padding)
-            fh.write(np.ascontiguousarray(array).data)
-            return _external(name, array, DENSE_DATA_FILE, offset + padding)
-
-        _strip_decoders(model, min_bytes, write)
-    onnx.save(model, str(folder / "model.onnx"))
-    return folder / "model.onnx"
-
-
-def _external(name: str, array: np.ndarray, location: str, offset: int) -> TensorProto:
-    tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
-        tensor.external_data.add(key=key, value=value)
-    return tensor
-
-
-def _strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
-    """In place: remove the decode subgraphs; each packed weight is decoded with numpy and handed to
-    ``put(name, array) -> TensorProto``, which returns the initializer that takes its place. With ``min_bytes``,
-    every other in-proto initializer of at least that many bytes goes through ``put`` as well."""
-    names = packed_names(model)
-    prefixes = tuple(f"{name}.packed." for name in names) + (f"{_SHARED}.",)
-    decode = {node.output[0] for node in model.graph.node if node.output[0].startswith(prefixes)} | set(names)
-    nodes = [node for node in model.graph.node if node.output[0] not in decode]
-    kept = [put(name, read_packed(model, name)) for name in names]
-    for init in model.graph.initializer:
-        if init.name.startswith(prefixes):
-            continue
-        if min_bytes is not None and init.data_location != TensorProto.EXTERNAL and _tensor_bytes(init) >= min_bytes:
-            kept.append(put(init.name, numpy_helper.to_array(init)))
-        else:
-            kept.append(init)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-
-
-def _lut() -> np.ndarray:
-    """[256, 8] uint8: bit j of byte value b."""
-    return ((np.arange(256, dtype=np.uint16)[:, None] >> np.arange(8)) & 1).astype(np.uint8)
-
-
 class _Builder:
     """Collects the initializers and nodes of the decode subgraphs; shared constants are added once."""
 
@@ -298,19 +161,19 @@ class _Builder:
 
     def decode(self, name: str, weight: np.ndarray, chunk_elems: int) -> None:
         rows, cols = weight.shape
-        lut = self.const(f"{_SHARED}.lut", _lut())
-        axis0 = self.const(f"{_SHARED}.axis0", np.array(0, np.int32))
+        lut = self.const(f"{SHARED_PREFIX}.lut", bit_table())
+        axis0 = self.const(f"{SHARED_PREFIX}.axis0", np.array(0, np.int32))
         parts = []
         for k, ((bits, values), (start, stop)) in enumerate(zip(pack(weight, chunk_elems),
                                                                chunk_rows(rows, cols, chunk_elems))):
             n, prefix = (stop - start) * cols, f"{name}.packed.{k}"
             byte = self.node("Cast", [self.const(f"{prefix}.bits", bits)], f"{prefix}.byte", to=TensorProto.INT32)
             spread = self.node("Gather", [lut, byte], f"{prefix}.spread", axis=0)  # [n/8, 8] uint8: bits of each byte
-            flat = self.const(f"{_SHARED}.len.{bits.size * 8}", np.array([bits.size * 8], np.int64))
+            flat = self.const(f"{SHARED_PREFIX}.len.{bits.size * 8}", np.array([bits.size * 8], np.int64))
             mask = self.node("Reshape", [spread, flat], f"{prefix}.mask8")  # [8·⌈n/8⌉]
             if bits.size * 8 != n:  # drop the last byte's padding bits: [n]
-                mask = self.node("Slice", [mask, self.const(f"{_SHARED}.zero64", np.zeros(1, np.int64)),
-                                           self.const(f"{_SHARED}.len.{n}", np.array([n], np.int64))], f"{prefix}.mask")
+                mask = self.node("Slice", [mask, self.const(f"{SHARED_PREFIX}.zero64", np.zeros(1, np.int64)),
+                                           self.const(f"{SHARED_PREFIX}.len.{n}", np.array([n], np.int64))], f"{prefix}.mask")
             mask = self.node("Cast", [mask], f"{prefix}.mask32", to=TensorProto.INT32)  # [n] 0/1
             rank = self.node("CumSum", [mask, axis0], f"{prefix}.rank")  # [n] nonzeros up to here: 1-based rank
             index = self.node("Mul", [rank, mask], f"{prefix}.index")  # [n] 0 where pruned → the leading zero
@@ -374,16 +237,6 @@ def to_coo(name: str, weight: np.ndarray) -> onnx.SparseTensorProto:
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held by the model's dense and sparse initializers."""
-    dense = sum(_tensor_bytes(init) for init in model.graph.initializer)
-    sparse = sum(_tensor_bytes(s.values) + _tensor_bytes(s.indices) for s in model.graph.sparse_initializer)
+    dense = sum(tensor_bytes(init) for init in model.graph.initializer)
+    sparse = sum(tensor_bytes(s.values) + tensor_bytes(s.indices) for s in model.graph.sparse_initializer)
     return dense + sparse
-
-
-def _tensor_bytes(tensor: TensorProto) -> int:
-    """Bytes of data the proto holds itself (external data, not loaded, counts 0)."""
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    if tensor.data_location == TensorProto.EXTERNAL:
-        return 0
-    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return math.prod(tensor.dims) * itemsize

@@ -80,7 +80,22 @@ def _session(path: Path, profile_dir: str):
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
     options.log_severity_level = 3
+    _register_if_needed(path, options)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _register_if_needed(path: Path, options) -> None:
+    """A custom-op export (``--ops custom``) runs with the native library registered."""
+    import onnx
+
+    from sparse_deploy.runtime.session import native_kernels
+    from sparse_deploy.runtime.sparse_ops import uses_custom_ops
+
+    if uses_custom_ops(onnx.load(str(path), load_external_data=False)):
+        native, reason = native_kernels()
+        if native is None:
+            raise ExportMismatchError(f"the custom-op export cannot be checked: {reason}")
+        native.register(options)
 
 
 def _executed_ops(session) -> dict[str, int]:

@@ -29,8 +29,12 @@ class BenchConfig:
     runs: int = 5
     warmup: int = 1
     verify: bool = True  # check the exports' model files against export.json's sha256 first (not timed)
+    kernels: str = "auto"  # auto | sparse | dense: which packed layers run on the native sparse kernels
 
     def __post_init__(self) -> None:
+        from sparse_deploy.runtime.kernel_choice import check_mode
+
+        check_mode(self.kernels)
         for name in ("prompt_len", "batch", "runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -75,6 +79,7 @@ class ModelBench:
     sentences_per_s_batch1: float | None = None
     sentences_per_s_batch32: float | None = None
     encodings: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # mode, isa, sparse_layers, dense_layers, reason (ONNX only)
 
     def flat(self) -> dict:
         """Keys that say what they are: load_s, peak_rss_bytes, prefill_ms, decode_ms_p50, decode_ms_p90, ..."""
@@ -113,10 +118,10 @@ def measure_onnx(folder: str | Path, config: BenchConfig) -> ModelBench:
 
     threads = config.threads or default_threads()
     start = time.perf_counter()
-    model = ExportedModel(folder, SessionConfig(threads=threads, verify=False))  # benchmark() verified it
+    model = ExportedModel(folder, SessionConfig(threads=threads, verify=False, kernels=config.kernels))  # verified
     load_s = time.perf_counter() - start
     common = dict(name=str(folder), backend="onnxruntime", kind=model.info.kind, file_bytes=model.file_bytes,
-                  load_s=load_s, threads=threads, encodings=_encodings(model.export_info))
+                  load_s=load_s, threads=threads, encodings=model.export_info.summary(), kernels=model.kernels.to_json())
     if model.info.kind == "encoder":
         b1, b32 = _encoder_timings(lambda batch: embed(model, batch, batch_size=len(batch)), config)
         return ModelBench(peak_rss_bytes=peak_rss_bytes(), batch1_ms=b1,
@@ -165,12 +170,6 @@ def _encoder_timings(run, config: BenchConfig) -> tuple[LatencyStats, float]:
         run(batch32)
         big.append(time.perf_counter() - start)
     return LatencyStats.of_seconds(single), 32 / float(np.median(big))
-
-
-def _encodings(export_info: dict) -> dict:
-    totals = export_info.get("totals", {})
-    return {k: export_info.get(k) for k in ("encoding", "quantize") if k in export_info} | (
-        {"totals": totals} if totals else {})
 
 
 def measure_in_subprocess(target: str | Path, config: BenchConfig, backend: str = "onnxruntime") -> ModelBench:

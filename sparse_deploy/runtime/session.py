@@ -18,8 +18,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from sparse_deploy.errors import ConfigError, RuntimeSessionError, first_line
+from sparse_deploy.errors import ConfigError, KernelsUnavailableError, RuntimeSessionError, first_line
+from sparse_deploy.formats.export_info import read_export_info
 from sparse_deploy.integrity import verify_export
+from sparse_deploy.runtime.kernel_choice import Choice, KernelMode, check_mode
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 _LEVELS = {
@@ -45,15 +47,19 @@ class SessionConfig:
     providers in order of preference. ``packed``: how packed-sparse exports are opened: ``stage`` decodes the
     weights with numpy into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
     Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory). ``verify``:
-    check the model files against the sha256 digests export.json records before loading them."""
+    check the model files against the sha256 digests export.json records before loading them. ``kernels``: which
+    packed layers run on the native sparse kernels (``auto``: where they are faster on this CPU; ``sparse``: all
+    the ops cover, an error when the library is unavailable; ``dense``: none; see ``runtime.kernel_choice``)."""
 
     threads: int | None = None
     optimization: Optimization = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     packed: Literal["stage", "fold"] = "stage"
     verify: bool = True
+    kernels: KernelMode = "auto"
 
     def __post_init__(self) -> None:
+        check_mode(self.kernels)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.optimization not in _LEVELS:
@@ -71,12 +77,7 @@ def open_session(path: str | Path, config: SessionConfig = SessionConfig()) -> o
     path = Path(path)
     if not path.is_file():
         raise RuntimeSessionError(f"{path} does not exist")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[config.optimization]
-    options.log_severity_level = 3
-    if config.threads is not None:
-        options.intra_op_num_threads = config.threads
-        options.inter_op_num_threads = 1
+    options = _options(config)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(config.providers))
     except ORT_ERRORS as exc:
@@ -107,12 +108,16 @@ class ExportedModel:
             raise RuntimeSessionError(f"{self.folder} holds no model.onnx; run `sparse-deploy export` first")
         self.config = config
         self.hf_config = _read_json(self.folder / "config.json")
-        self.export_info = _read_json(self.folder / "export.json")
+        self.export_info = read_export_info(self.folder)
         if config.verify:
-            verify_export(self.folder, self.export_info)
-        if config.packed == "stage" and self.export_info.get("settings", {}).get("encoding") in ("packed", "auto"):
-            self.session = _open_staged(onnx_file, config)
+            verify_export(self.folder, dict(self.export_info.raw))
+        self.kernels = Choice(config.kernels)
+        if self.export_info.ops == "custom":
+            self.session = _open_custom(onnx_file, config, self.kernels)
+        elif config.packed == "stage" and self.export_info.packed:
+            self.session = _open_packed(onnx_file, config, self.kernels)
         else:
+            self.kernels.reason = "the export holds no packed weights" if config.kernels != "dense" else ""
             self.session = open_session(onnx_file, config)
         self.info = _inspect(self.session, self.hf_config)
         self._tokenizer = None
@@ -138,25 +143,91 @@ class ExportedModel:
         return {i.name for i in self.session.get_inputs()}
 
 
-def _open_staged(onnx_file: Path, config: SessionConfig) -> ort.InferenceSession:
-    """Decode a packed export into a temporary dense file, open a session on it, and remove the file (the session
-    holds its own copy of the weights once created)."""
-    import shutil
-    import tempfile
+def native_kernels():
+    """The native kernel module when its library loads here, else None; and why not."""
+    try:
+        from sparse_deploy.runtime import kernels
+    except ImportError as exc:
+        return None, f"the native sparse kernels are not part of this installation ({exc})"
+    state = kernels.availability()
+    return (kernels, "") if state.ok else (None, state.reason)
 
+
+def _options(config: SessionConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[config.optimization]
+    options.log_severity_level = 3
+    if config.threads is not None:
+        options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _open_custom(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.InferenceSession:
+    """A file exported with ``--ops custom``: its SparseMatMul nodes need the native library registered."""
+    from sparse_deploy.runtime.sparse_ops import DOMAIN
+
+    native, reason = native_kernels()
+    if native is None:
+        from sparse_deploy.runtime.kernels import library_path
+
+        raise KernelsUnavailableError(f"{onnx_file} uses the {DOMAIN} sparse ops (exported with --ops custom), which "
+                                      f"need the native library {library_path()}: {reason}")
+    choice.isa, choice.reason = native.isa(), "custom-op export: the sparse nodes are in the file"
+    options = _options(config)
+    native.register(options)
+    try:
+        return ort.InferenceSession(str(onnx_file), sess_options=options, providers=list(config.providers))
+    except ORT_ERRORS as exc:
+        raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
+
+
+def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.InferenceSession:
+    """Decode the packed weights with numpy in memory; on the native kernels where ``config.kernels`` says so
+    (``runtime.sparse_ops``), else dense. No file is written and ONNX Runtime folds nothing."""
+    import onnx
     from google.protobuf.message import DecodeError
 
-    from sparse_deploy.export.sparse_encoding import write_dense
+    from sparse_deploy.runtime import kernel_choice as kc
+    from sparse_deploy.runtime.sparse_ops import rewrite
 
-    staging = Path(tempfile.mkdtemp(prefix="sparse-deploy-dense-"))
+    native, reason = native_kernels() if config.kernels != "dense" else (None, "")
+    if native is None and config.kernels == "sparse":
+        raise KernelsUnavailableError(f"kernels=sparse needs the native sparse kernels: {reason}")
+    choice.reason = reason
+    pack, keep, table = None, (lambda site: False), None
+    if native is not None:
+        choice.isa = native.isa()
+        if config.kernels == "auto":
+            table = kc.TimingTable(kc.setting_key(choice.isa, config.threads, native.library_path()))
+        pack = kc.packer(native)
+        keep = kc.chooser(config.kernels, choice, lambda site: kc.measure(site, native, config.threads), table)
     try:
-        try:
-            dense = write_dense(onnx_file, staging)
-        except (OSError, ValueError, DecodeError) as exc:
-            raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
-        return open_session(dense, config)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        model = onnx.load(str(onnx_file))
+        done = rewrite(model, pack, keep, int8=True)
+    except (OSError, ValueError, KeyError, DecodeError) as exc:
+        raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
+    if table is not None:
+        table.save()
+    if not done.sparse and native is not None and not choice.reason:
+        choice.reason = ("auto: no layer shape was faster on the sparse kernels here (a decode step and a 128-token "
+                         "prompt + 64 tokens, timed per shape)" if config.kernels == "auto" and
+                         choice.dense else "no packed layer has a pattern the sparse ops cover")
+    options = _options(config)
+    if done.sparse:
+        native.register(options)
+    names = list(done.arrays)
+    values = [ort.OrtValue.ortvalue_from_numpy(done.arrays[name]) for name in names]
+    if names:
+        options.add_external_initializers(names, values)
+    data = done.model.SerializeToString()
+    del model, done
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=list(config.providers))
+    except ORT_ERRORS as exc:
+        raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
+    del values, names  # ONNX Runtime copied the external initializers into its own buffers (measured, 1.31)
+    return session
 
 
 def load_tokenizer(folder: Path):

@@ -1,0 +1,236 @@
+"""Which packed layers run on the native sparse kernels: ``SessionConfig.kernels`` = auto | sparse | dense.
+
+``sparse`` puts every packed layer the ops cover on a sparse node, ``dense`` none. ``auto`` (the default) keeps a
+sparse node only where it is faster on this CPU: for each distinct layer (shape, dtype, sparsity to the nearest
+5%) it times ONNX Runtime's dense kernel against the sparse op on single-node models with random weights of that
+pattern, runs of the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
+sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
+``DECODE_STEPS`` tokens) takes less time with it. A layer's node serves every M, so a layer whose decode gain
+outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
+is. The dense kernel is ORT's fp32 MatMul for fp32
+layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
+Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
+build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
+~/.cache/sparse-deploy), so each shape is timed once per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from sparse_deploy.config import KERNEL_MODES
+from sparse_deploy.errors import ConfigError
+from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
+
+KernelMode = Literal["auto", "sparse", "dense"]
+PREFILL_M = 128
+DECODE_STEPS = 64  # the reference generation: a PREFILL_M-token prompt, then this many tokens
+TABLE_NAME = "kernel-choice.json"
+_WARMUP, _REPEATS = 2, 15
+_BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after 3 timed runs)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SPARSE_DEPLOY_CACHE"):
+        return Path(os.environ["SPARSE_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse-deploy"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds (fastest of interleaved runs) of one layer pattern at M = 1 and M = PREFILL_M."""
+
+    dense_ms: tuple[float, float]
+    sparse_ms: tuple[float, float]
+
+    @property
+    def sparse_wins(self) -> bool:
+        dense = self.dense_ms[1] + DECODE_STEPS * self.dense_ms[0]
+        sparse = self.sparse_ms[1] + DECODE_STEPS * self.sparse_ms[0]
+        return self.sparse_ms[0] < self.dense_ms[0] and sparse < dense
+
+
+@dataclass
+class Choice:
+    """What a session chose: the mode, the layers on sparse nodes and those left dense, and why."""
+
+    mode: str
+    isa: str | None = None
+    sparse: list[str] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)
+    timings: dict[str, Timing] = field(default_factory=dict)  # pattern key -> timing (auto)
+    reason: str = ""  # why no sparse kernels ran, when none did
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "isa": self.isa, "sparse_layers": len(self.sparse), "dense_layers": len(self.dense),
+                "reason": self.reason}
+
+
+def pattern_key(site: Site) -> str:
+    n, k = site.shape
+    return f"{site.dtype} {n}x{k} s{round(site.sparsity * 20) * 5:02d}"
+
+
+class TimingTable:
+    """The cached timings of one machine setting (CPU, ISA, threads, ONNX Runtime, library build)."""
+
+    def __init__(self, setting: str, path: Path | None = None):
+        self.setting = setting
+        self.path = path or cache_dir() / TABLE_NAME
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        self._all = data if isinstance(data, dict) else {}
+        entries = self._all.get(setting, {})
+        self.entries: dict[str, Timing] = {}
+        for key, value in (entries.items() if isinstance(entries, dict) else ()):
+            try:
+                self.entries[key] = Timing(tuple(value["dense_ms"]), tuple(value["sparse_ms"]))
+            except (KeyError, TypeError):
+                continue
+
+    def save(self) -> None:
+        self._all[self.setting] = {k: {"dense_ms": list(t.dense_ms), "sparse_ms": list(t.sparse_ms)}
+                                   for k, t in self.entries.items()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(self._all, indent=1) + "\n", encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only home: the choice is timed again next time
+
+
+def setting_key(isa: str, threads: int | None, library: Path) -> str:
+    import onnxruntime as ort
+
+    from sparse_deploy.machine import cpu_model
+
+    try:
+        stat = library.stat()
+        build = f"{stat.st_size}-{int(stat.st_mtime)}"
+    except OSError:
+        build = "?"
+    return f"{cpu_model()} | {isa} | threads {threads or 'default'} | ort {ort.__version__} | lib {build}"
+
+
+def chooser(mode: str, choice: Choice, time_site: Callable[[Site], Timing], table: TimingTable | None
+            ) -> Callable[[Site], bool]:
+    """The ``keep`` predicate for ``sparse_ops.rewrite``: records each decision in ``choice``."""
+
+    def keep(site: Site) -> bool:
+        if mode == "sparse":
+            sparse = True
+        elif mode == "dense":
+            sparse = False
+        else:
+            key = pattern_key(site)
+            timing = choice.timings.get(key) or (table.entries.get(key) if table else None)
+            if timing is None:
+                timing = time_site(site)
+                if table is not None:
+                    table.entries[key] = timing
+            choice.timings[key] = timing
+            sparse = timing.sparse_wins
+        (choice.sparse if sparse else choice.dense).append(site.weight)
+        return sparse
+
+    return keep
+
+
+def _random_pattern(site: Site, rng: np.random.Generator) -> np.ndarray:
+    n, k = site.shape
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    w[rng.random((n, k)) < site.sparsity] = 0
+    return w
+
+
+def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]]:
+    """``rewrite``'s ``pack``: the native module's row packing of W [N, K] (int8 W with its per-row scale)."""
+
+    def pack(site: Site, weight: np.ndarray, scale: np.ndarray | None) -> list[np.ndarray]:
+        if site.op == OP_INT8:
+            return native.pack_rows_int8(weight, scale).inputs()
+        return native.pack_rows(weight).inputs()
+
+    return pack
+
+
+def measure(site: Site, native, threads: int | None) -> Timing:
+    """Time the dense and the sparse kernel on single-node models of this layer's pattern (random weights)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    pack, register = packer(native), native.register
+    rng = np.random.default_rng(0)
+    n, k = site.shape
+    w = _random_pattern(site, rng)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])
+    if site.op == OP_INT8:
+        q, scale = native.quantize_rows(w)  # [N, K] int8, [N]
+        dense_inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), "w"),
+                       numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(n, np.int8), "z")]
+        dense_node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")
+        parts = pack(site, q, scale)
+    else:
+        dense_inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
+        dense_node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        parts = pack(site, w, None)
+    names = ["mask", "values", "row_ptr", "scale"][: len(parts)]
+    sparse_node = helper.make_node(site.op, ["x", *names], ["y"],
+                                   domain=DOMAIN)
+    sparse_inits = [numpy_helper.from_array(p, name) for p, name in zip(parts, names)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(DOMAIN, 1)]
+
+    def session(node, inits) -> ort.InferenceSession:
+        graph = helper.make_graph([node], "layer", [x_info], [y_info], inits)
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = 8
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # two sessions take turns: a pool spinning after its run would steal the other's cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if node.domain == DOMAIN:
+            register(options)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def median_ms(sessions, m: int) -> tuple[float, float]:
+        """Fastest runs of the two sessions, interleaved: on a shared machine other work only ever adds time, so
+        the minimum is the stable estimate of each kernel's own cost."""
+        x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
+        for sess in sessions:
+            for _ in range(_WARMUP if m == 1 else 1):
+                sess.run(None, x)
+        samples: list[list[float]] = [[], []]
+        while len(samples[0]) < _REPEATS and (len(samples[0]) < 3 or sum(map(sum, samples)) < 2 * _BUDGET_S):
+            for sess, out in zip(sessions, samples):
+                start = time.perf_counter()
+                sess.run(None, x)
+                out.append(time.perf_counter() - start)
+        return min(samples[0]) * 1e3, min(samples[1]) * 1e3
+
+    pair = (session(dense_node, dense_inits), session(sparse_node, sparse_inits))
+    d1, s1 = median_ms(pair, 1)
+    if s1 >= d1:  # dense wins the decode step: the prompt is not timed (recorded as equal)
+        return Timing((d1, d1), (s1, d1))
+    dm, sm = median_ms(pair, PREFILL_M)
+    return Timing((d1, dm), (s1, sm))

@@ -1,0 +1,269 @@
+"""Packed weights onto the native sparse kernels: an in-memory graph rewrite, done when a session is created.
+
+A portable export rebuilds each packed weight with a decode subgraph of standard ops that feeds a MatMul or Gemm
+(``sparse_deploy.formats.packed``). When the native library loads (``kernels.availability()``), each such pair
+becomes one node of the ``ai.sparse_deploy`` domain:
+
+    decode(bits, values) ─► W [K, N] ─► MatMul(X, W) (─► Add(bias [N]))      ⇒  SparseMatMul(X, mask, values, row_ptr, bias?)
+    Gemm(X, W [N, K], C [N], transB=1)                                       ⇒  SparseMatMul(X, mask, values, row_ptr, C)
+    DynamicQuantizeLinear(X) ─► MatMulInteger(xq, Wq [K, N], xzp, 0) ─► Cast ─► Mul(·, xs · ws [N])
+                                                                             ⇒  SparseMatMulInt8(X, mask, values, row_ptr, ws)
+
+The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed. Nothing is written to
+disk and nothing is folded by ONNX Runtime: weights are decoded one at a time with numpy, packed for the kernels
+at once, and handed to the session as external initializers (``arrays``), so the model proto shrinks to the graph.
+Packed weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are the
+decoded dense arrays. Needs numpy and onnx only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, packed_names, strip_decoders
+from sparse_deploy.runtime.kernels import DOMAIN, OP_FP32, OP_INT8  # the native library's op contract (numpy only)
+
+__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Rewritten", "Site", "find_sites", "materialize", "rewrite"]
+MIN_EXTERNAL_BYTES = 1 << 16  # initializers of this size or more go to the session as arrays, not in the proto
+
+
+@dataclass(frozen=True)
+class Site:
+    """A packed weight and the node that consumes it, in a form one sparse node can replace."""
+
+    weight: str  # the packed weight's name in the file
+    node: str  # the consumer's output name (unique in the graph)
+    op: str  # OP_FP32 or OP_INT8
+    transpose: bool  # the file's weight is [K, N]: the op's W is its transpose
+    shape: tuple[int, int]  # the op's W: (N, K)
+    nnz: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / max(1, math.prod(self.shape))
+
+    @property
+    def dtype(self) -> str:
+        return "int8" if self.op == OP_INT8 else "fp32"
+
+
+@dataclass
+class Rewritten:
+    """The rewritten graph (``model``: nodes and small initializers; large ones are placeholders) and the arrays
+    behind its placeholders, to pass as the session's external initializers."""
+
+    model: onnx.ModelProto
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    sparse: tuple[Site, ...] = ()  # sites now running a sparse node
+    dense: tuple[str, ...] = ()  # packed weights left dense
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    return uses
+
+
+def _packed_shape_nnz(model: onnx.ModelProto, name: str) -> tuple[tuple[int, int], int]:
+    inits = {init.name: init for init in model.graph.initializer if init.name.startswith(f"{name}.packed.")}
+    rows, cols = (int(d) for d in numpy_helper.to_array(inits[f"{name}.packed.shape"]))
+    chunks = [init for key, init in inits.items() if key.endswith(".values")]
+    return (rows, cols), sum(math.prod(init.dims) - 1 for init in chunks)  # each chunk's values lead with a 0
+
+
+def find_sites(model: onnx.ModelProto, *, int8: bool = True) -> list[Site]:
+    """The packed weights of ``model`` whose single consumer one sparse node can replace."""
+    uses = _consumers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {init.name: init for init in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    sites = []
+    for name in packed_names(model):
+        users = uses.get(name, [])
+        if len(users) != 1 or name in outputs:
+            continue
+        node = users[0]
+        (rows, cols), nnz = _packed_shape_nnz(model, name)
+        if node.op_type == "MatMul" and node.input[1] == name:
+            sites.append(Site(name, node.output[0], OP_FP32, True, (cols, rows), nnz))
+        elif node.op_type == "Gemm" and node.input[1] == name:
+            a = _attrs(node)
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                continue
+            trans = not a.get("transB", 0)
+            n = cols if trans else rows
+            sites.append(Site(name, node.output[0], OP_FP32, trans, (n, rows if trans else cols), nnz))
+        elif int8 and node.op_type == "MatMulInteger" and node.input[1] == name \
+                and _int8_chain(node, uses, producers, inits) is not None:
+            sites.append(Site(name, node.output[0], OP_INT8, True, (cols, rows), nnz))
+    return sites
+
+
+def _int8_chain(node, uses, producers, inits):
+    """(X, weight scale, the final Mul) of DynamicQuantizeLinear → MatMulInteger → Cast → Mul(·, xs · ws), with a
+    zero weight zero point; None when the graph has another shape."""
+    quant = producers.get(node.input[0])
+    if quant is None or quant.op_type != "DynamicQuantizeLinear" or len(node.input) < 4:
+        return None
+    zp = inits.get(node.input[3])
+    if zp is None or np.any(numpy_helper.to_array(zp)):
+        return None
+    cast = uses.get(node.output[0], [])
+    if len(cast) != 1 or cast[0].op_type != "Cast":
+        return None
+    mul = uses.get(cast[0].output[0], [])
+    if len(mul) != 1 or mul[0].op_type != "Mul":
+        return None
+    scale_in = next((i for i in mul[0].input if i != cast[0].output[0]), None)
+    scales = producers.get(scale_in)
+    if scales is None or scales.op_type != "Mul" or quant.output[1] not in scales.input:
+        return None
+    w_scale = next((i for i in scales.input if i != quant.output[1]), None)
+    if w_scale not in inits or len(inits[w_scale].dims) != 1:
+        return None
+    return quant.input[0], w_scale, mul[0]
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    pack: Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]] | None,
+    keep: Callable[[Site], bool] = lambda site: True,
+    *,
+    int8: bool = True,
+    min_bytes: int | None = MIN_EXTERNAL_BYTES,
+) -> Rewritten:
+    """In place: every packed weight is decoded once; where ``keep(site)`` holds, its consumer becomes a sparse node
+    whose weight inputs are ``pack(site, W [N, K], scale [N] or None)`` (mask, values, row_ptr[, scale]); the other
+    packed weights stay dense (all of them when ``pack`` is None: no native library). Initializers of ``min_bytes`` or
+    more leave the proto for ``arrays``."""
+    sites = {site.weight: site for site in find_sites(model, int8=int8) if pack is not None and keep(site)}
+    uses = _consumers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {init.name: init for init in model.graph.initializer}
+    chains = {name: _int8_chain(uses[name][0], uses, producers, inits)
+              for name, site in sites.items() if site.op == OP_INT8}
+    scales = {name: numpy_helper.to_array(inits[chain[1]]).astype(np.float32) for name, chain in chains.items()}
+    arrays: dict[str, np.ndarray] = {}
+    packed_inputs: dict[str, list[str]] = {}
+
+    def put(name: str, array: np.ndarray) -> TensorProto:
+        site = sites.get(name)
+        if site is None:
+            arrays[name] = array
+            return _placeholder(name, array)
+        weight = np.ascontiguousarray(array.T) if site.transpose else array  # [N, K]
+        names = [f"{name}.sparse.{part}" for part in ("mask", "values", "row_ptr", "scale")]
+        parts = pack(site, weight, scales.get(name))
+        packed_inputs[name] = names[: len(parts)]
+        for part_name, part in zip(names, parts):
+            arrays[part_name] = part
+        return _placeholder(names[0], parts[0])  # the others are added below
+
+    packed = packed_names(model)
+    strip_decoders(model, min_bytes, put)
+    extra = [_placeholder(n, arrays[n]) for names in packed_inputs.values() for n in names[1:]]
+    model.graph.initializer.extend(extra)
+    _replace_nodes(model, sites, packed_inputs, chains)
+    _drop_dead(model)
+    _ensure_domain(model, bool(sites))
+    return Rewritten(model, arrays, tuple(sites.values()), tuple(n for n in packed if n not in sites))
+
+
+def _replace_nodes(model, sites, packed_inputs, chains) -> None:
+    inits = {init.name: init for init in model.graph.initializer}
+    uses = _consumers(model)
+    nodes, skip = [], set()
+    for node in model.graph.node:
+        if node.output[0] in skip:
+            continue
+        site = next((sites[i] for i in node.input[1:2] if i in sites and node.output[0] == sites[i].node), None)
+        if site is None:
+            nodes.append(node)
+            continue
+        inputs = [node.input[0], *packed_inputs[site.weight]]
+        output = node.output[0]
+        if site.op == OP_INT8:
+            x, _, mul = chains[site.weight]
+            inputs[0], output = x, mul.output[0]
+            cast = uses[node.output[0]][0]
+            skip |= {cast.output[0], mul.output[0]}
+        elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            bias = inits.get(node.input[2])
+            if bias is not None and tuple(bias.dims) == (site.shape[0],) and bias.data_type == TensorProto.FLOAT:
+                inputs.append(node.input[2])
+            else:  # a computed or broadcast C: added after the op
+                output = f"{output}.sparse"
+                nodes.append(helper.make_node(site.op, inputs, [output], name=f"{site.weight}/{site.op}",
+                                              domain=DOMAIN))
+                nodes.append(helper.make_node("Add", [output, node.input[2]], [node.output[0]],
+                                              name=f"{site.weight}/bias"))
+                continue
+        else:  # MatMul → Add(bias [N]): fold the bias into the op
+            add = uses.get(output, [])
+            if len(add) == 1 and add[0].op_type == "Add":
+                other = next((i for i in add[0].input if i != output), None)
+                if other in inits and tuple(inits[other].dims) == (site.shape[0],) \
+                        and inits[other].data_type == TensorProto.FLOAT:
+                    inputs.append(other)
+                    output = add[0].output[0]
+                    skip.add(add[0].output[0])
+        nodes.append(helper.make_node(site.op, inputs, [output], name=f"{site.weight}/{site.op}", domain=DOMAIN))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes and initializers nothing reads any more (the activation quantizer of an int8 site)."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for node in model.graph.node for i in node.input} | outputs
+        live = [node for node in model.graph.node if any(o in read for o in node.output)]
+        if len(live) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(live)
+    read = {i for node in model.graph.node for i in node.input} | outputs
+    kept = [init for init in model.graph.initializer if init.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _ensure_domain(model: onnx.ModelProto, used: bool) -> None:
+    if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _placeholder(name: str, array: np.ndarray) -> TensorProto:
+    tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", PLACEHOLDER_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def uses_custom_ops(model_or_nodes: onnx.ModelProto | Iterable[onnx.NodeProto]) -> bool:
+    nodes = model_or_nodes.graph.node if isinstance(model_or_nodes, onnx.ModelProto) else model_or_nodes
+    return any(node.domain == DOMAIN for node in nodes)
+
+
+def materialize(rewritten: Rewritten) -> onnx.ModelProto:
+    """The rewritten model with its arrays back inside the proto (for writing a custom-op file)."""
+    model = rewritten.model
+    kept = [numpy_helper.from_array(rewritten.arrays[init.name], init.name)
+            if init.data_location == TensorProto.EXTERNAL and init.name in rewritten.arrays else init
+            for init in model.graph.initializer]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model

@@ -1,0 +1,189 @@
+"""Packed exports on the native sparse kernels: the in-memory rewrite, kernels auto/sparse/dense, the custom-op
+export, and the errors without the library. Tests that need the built library skip when it is absent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny
+
+from sparse_deploy.config import ExportConfig
+from sparse_deploy.errors import KernelsUnavailableError
+from sparse_deploy.export import export
+from sparse_deploy.formats.export_info import read_export_info
+from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig
+from sparse_deploy.runtime import session as session_module
+from sparse_deploy.runtime.kernel_choice import Choice, Timing, TimingTable, chooser, pattern_key
+from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_FP32, find_sites
+
+_native, _why = session_module.native_kernels()
+needs_kernels = pytest.mark.skipif(_native is None, reason=f"native sparse kernels unavailable: {_why}")
+
+
+def prune_half(folder):
+    """Magnitude-prune every decoder linear of a saved tiny model to 50% in place (row-wise, so every row keeps
+    half its weights); embeddings and the LM head stay dense."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                W = module.weight
+                cut = W.abs().kthvalue(W.shape[1] // 2, dim=1, keepdim=True).values
+                W[W.abs() <= cut] = 0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model_type, quantize, ops) -> exported folder of a 50%-pruned tiny decoder, built on first use."""
+    root = tmp_path_factory.mktemp("sparse-runtime")
+    cache = {}
+
+    def get(model_type="llama", quantize="none", ops="standard"):
+        key = (model_type, quantize, ops)
+        if key not in cache:
+            source = root / f"{model_type}-pruned"
+            if not source.exists():
+                prune_half(make_tiny(model_type, source))
+            config = ExportConfig(encoding="packed", quantize=quantize, ops=ops)
+            cache[key] = export(source, root / f"{model_type}-{quantize}-{ops}", config).output
+        return cache[key]
+
+    return get
+
+
+def run_decoder(folder, kernels, steps=4):
+    """Logits of a 12-token prefill (every position) and of ``steps`` decode steps through the KV cache, for a
+    fixed token sequence (so that two runs see the same inputs whatever their argmax)."""
+    model = ExportedModel(folder, SessionConfig(threads=1, kernels=kernels))
+    runner = DecoderRunner(model)
+    ids = np.random.default_rng(0).integers(100, 8000, size=(1, 12 + steps), dtype=np.int64)
+    mask = np.ones((1, 12), np.int64)
+    logits, past = runner.step(ids[:, :12], mask, runner.empty_past(1))
+    collected = [logits[0]]
+    for k in range(12, 12 + steps):
+        mask = np.ones((1, k + 1), np.int64)
+        logits, past = runner.step(ids[:, k : k + 1], mask, past)
+        collected.append(logits[0])
+    return model, np.concatenate(collected)
+
+
+def test_sites_cover_every_pruned_linear(exported):
+    import onnx
+
+    model = onnx.load(str(exported() / "model.onnx"))
+    sites = find_sites(model)
+    assert len(sites) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert all(site.op == OP_FP32 and site.transpose for site in sites)
+    assert all(0.45 < site.sparsity < 0.55 for site in sites)
+
+
+def test_export_info_records_ops(exported):
+    assert read_export_info(exported()).ops == "standard"
+
+
+def test_dense_kernels_need_no_library(exported):
+    model, logits = run_decoder(exported(), "dense")
+    assert model.kernels.sparse == [] and np.isfinite(logits).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_sparse_kernels_equal_dense(exported, model_type):
+    folder = exported(model_type)
+    _, dense = run_decoder(folder, "dense")
+    model, sparse = run_decoder(folder, "sparse")
+    assert len(model.kernels.sparse) == {"llama": 14, "opt": 12}[model_type] and model.kernels.isa
+    scale = np.abs(dense).max()
+    assert np.abs(sparse - dense).max() <= 1e-5 * scale, np.abs(sparse - dense).max() / scale
+
+
+def test_auto_follows_the_timing_table(tmp_path):
+    """auto keeps a layer sparse exactly where the (cached) timing says the sparse op wins."""
+    from sparse_deploy.runtime.sparse_ops import Site
+
+    fast = Site("a", "a.out", OP_FP32, True, (64, 64), 1024)
+    slow = Site("b", "b.out", OP_FP32, True, (64, 128), 4096)
+    table = TimingTable("test machine", tmp_path / "table.json")
+    table.entries[pattern_key(fast)] = Timing((2.0, 20.0), (1.0, 21.0))
+    table.entries[pattern_key(slow)] = Timing((2.0, 20.0), (3.0, 10.0))
+    choice = Choice("auto")
+    keep = chooser("auto", choice, lambda site: pytest.fail("a cached pattern was timed again"), table)
+    assert keep(fast) and not keep(slow)
+    assert choice.sparse == ["a"] and choice.dense == ["b"]
+    table.save()
+    assert TimingTable("test machine", tmp_path / "table.json").entries == table.entries
+    assert TimingTable("another machine", tmp_path / "table.json").entries == {}
+    assert Timing((2.0, 20.0), (1.0, 30.0)).sparse_wins, "64 decode steps gain more than the prompt loses"
+    assert not Timing((2.0, 20.0), (1.9, 30.0)).sparse_wins, "a prompt slower by more than the decode gain"
+    forced = Choice("sparse")
+    assert chooser("sparse", forced, lambda s: pytest.fail("sparse times nothing"), None)(slow)
+    assert not chooser("dense", Choice("dense"), lambda s: pytest.fail("dense times nothing"), None)(fast)
+
+
+@needs_kernels
+def test_auto_is_sparse_or_dense_per_layer_and_exact(exported, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_DEPLOY_CACHE", str(tmp_path))
+    folder = exported()
+    _, dense = run_decoder(folder, "dense")
+    model, auto = run_decoder(folder, "auto")
+    assert len(model.kernels.sparse) + len(model.kernels.dense) == 2 * 7
+    assert model.kernels.timings and (tmp_path / "kernel-choice.json").exists()
+    assert np.abs(auto - dense).max() <= 1e-5 * np.abs(dense).max()
+
+
+def test_sparse_without_library_is_one_clear_error(exported, monkeypatch):
+    monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "built without a compiler"))
+    with pytest.raises(KernelsUnavailableError, match="needs the native sparse kernels: built without a compiler"):
+        ExportedModel(exported(), SessionConfig(kernels="sparse"))
+    model = ExportedModel(exported(), SessionConfig(kernels="auto"))
+    assert model.kernels.sparse == [] and "built without a compiler" in model.kernels.reason
+
+
+@needs_kernels
+def test_custom_op_export_round_trip(exported, monkeypatch):
+    import onnx
+
+    folder = exported(ops="custom")
+    assert read_export_info(folder).ops == "custom"
+    model = onnx.load(str(folder / "model.onnx"))
+    assert sum(node.op_type == OP_FP32 and node.domain == DOMAIN for node in model.graph.node) == 2 * 7
+    assert not any(".packed." in init.name for init in model.graph.initializer)
+    _, dense = run_decoder(exported(), "dense")
+    _, custom = run_decoder(folder, "auto")
+    assert np.abs(custom - dense).max() <= 1e-5 * np.abs(dense).max()
+    monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "not built"))
+    with pytest.raises(KernelsUnavailableError, match=r"--ops custom.*_sparse_ops\.so: not built"):
+        ExportedModel(folder)
+
+
+@needs_kernels
+def test_int8_packed_runs_sparse_int8(exported):
+    folder = exported(quantize="int8")
+    model, sparse = run_decoder(folder, "sparse")
+    assert len(model.kernels.sparse) == 2 * 7
+    _, dense = run_decoder(folder, "dense")
+    # both quantize activations dynamically (ORT: uint8 asymmetric per tensor; the op: int8 symmetric per row)
+    rel = np.abs(sparse - dense).max() / np.abs(dense).max()
+    assert rel < 0.05, rel
+
+
+def test_cli_kernels_and_bench_say_what_ran(exported, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sparse_deploy.cli import app
+
+    monkeypatch.setenv("SPARSE_DEPLOY_CACHE", str(tmp_path))
+    out = CliRunner().invoke(app, ["kernels"])
+    assert "library: " in out.output and "_sparse_ops.so" in out.output
+    assert out.exit_code == (0 if _native is not None else 1)
+    assert ("available: yes" if _native is not None else "available: no") in out.output
+    monkeypatch.setattr(session_module, "native_kernels", lambda: (None, "no compiler here"))
+    model = ExportedModel(exported(), SessionConfig(threads=1))
+    from sparse_deploy.cli import _kernels_line
+
+    assert _kernels_line(model.kernels.to_json()) == "sparse kernels: not used (no compiler here)"

@@ -248,6 +248,70 @@ SD_AVX512 void int8_block(const int8_t* xq, const float* x_scale, const SparseRo
   for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
 }
 
+// int8 prefill: as for fp32, four rows of W decoded once (int8 rows are small enough that 4 rows of x and of W
+// fit in L1/L2 without K blocks), the int32 sums finished over all of K before the one scaling.
+template <int R, int MT>
+SD_AVX512 inline void dense_tile_int8(const int8_t* xq, int64_t ldq, const int8_t* rows, const int32_t* corr,
+                                      const float* x_scale, const float* w_scale, const float* bias, float* y,
+                                      int64_t ldy) {
+  __m512i acc[MT][R];
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < ldq; c += 64) {
+    __m512i wv[R];
+    SD_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows + r * ldq + c);
+    SD_UNROLL for (int m = 0; m < MT; ++m) {
+      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(xq + m * ldq + c), bias128);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xu, wv[r]);
+    }
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) {
+    const int32_t sum = _mm512_reduce_add_epi32(acc[m][r]) - corr[r];
+    y[m * ldy + r] = static_cast<float>(sum) * (x_scale[m] * w_scale[r]) + (bias ? bias[r] : 0.0f);
+  }
+}
+
+template <int R>
+SD_AVX512 void dense_rows_int8(const int8_t* xq, const float* x_scale, int64_t m_rows, int64_t ldq,
+                               const int8_t* rows, const int32_t* corr, const float* w_scale, const float* bias,
+                               float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= m_rows; m += 4)
+    dense_tile_int8<R, 4>(xq + m * ldq, ldq, rows, corr, x_scale + m, w_scale, bias, y + m * ldy, ldy);
+  for (; m < m_rows; ++m)
+    dense_tile_int8<R, 1>(xq + m * ldq, ldq, rows, corr, x_scale + m, w_scale, bias, y + m * ldy, ldy);
+}
+
+SD_AVX512 void int8_prefill(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                            const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                            float* y, int64_t ldy) {
+  const int64_t ldq = quantized_stride_for(w.k);
+  std::vector<int8_t> decoded(static_cast<size_t>(kDecodedRows * ldq));
+  int32_t corr[kDecodedRows];
+  for (int64_t nb = n0; nb < n1; nb += kDecodedRows) {
+    const int64_t rows = std::min(kDecodedRows, n1 - nb);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint64_t* bits = reinterpret_cast<const uint64_t*>(w.mask + (nb + r) * w.mask_stride);
+      const int8_t* v = values + w.row_ptr[nb + r];
+      int32_t sum = 0;
+      for (int64_t i = 0, count = w.row_ptr[nb + r + 1] - w.row_ptr[nb + r]; i < count; ++i) sum += v[i];
+      corr[r] = 128 * sum;  // what the u = q + 128 offset adds: 128 * sum(w)
+      for (int64_t c = 0; c < ldq / 64; ++c) {
+        _mm512_storeu_si512(decoded.data() + r * ldq + 64 * c, _mm512_maskz_expandloadu_epi8(bits[c], v));
+        v += _mm_popcnt_u64(bits[c]);
+      }
+    }
+    const float* b = bias ? bias + nb : nullptr;
+    if (rows == kDecodedRows) {
+      dense_rows_int8<kDecodedRows>(xq, x_scale, m_rows, ldq, decoded.data(), corr, w_scale + nb, b, y + nb, ldy);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        dense_rows_int8<1>(xq, x_scale, m_rows, ldq, decoded.data() + r * ldq, corr + r, w_scale + nb + r,
+                           b ? b + r : nullptr, y + nb + r, ldy);
+    }
+  }
+}
+
 constexpr int64_t kMTile = 4;  // rows of X per expanded weight vector
 
 }  // namespace
@@ -265,6 +329,7 @@ SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRow
 SD_AVX512 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
                                   const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
                                   int64_t n1, float* y, int64_t ldy) {
+  if (m_rows >= kPrefillMinRows) return int8_prefill(xq, x_scale, m_rows, w, values, w_scale, bias, n0, n1, y, ldy);
   const int64_t ldq = quantized_stride_for(w.k);
   int64_t m = 0;
   for (; m + kMTile <= m_rows; m += kMTile)

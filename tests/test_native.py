@@ -273,7 +273,7 @@ def test_kernels_module_needs_no_torch():
 
 def _ort_headers() -> Path | None:
     candidates = [os.environ.get("SPARSE_DEPLOY_ORT_INCLUDE", ""), "/usr/include/onnxruntime",
-                  *map(str, (ROOT / "build").glob("temp.*/ort-headers/usr/include/onnxruntime"))]
+                  str(ROOT / "build" / "ort-headers" / "usr" / "include" / "onnxruntime")]  # where setup.py puts them
     return next((Path(c) for c in candidates if c and (Path(c) / "onnxruntime_c_api.h").is_file()), None)
 
 

@@ -9,7 +9,8 @@
 // R weight rows share each x load; MT rows of X share each expanded weight vector (prefill).
 #include <immintrin.h>
 
-#include <array>
+#include <algorithm>
+#include <vector>
 
 #include "kernels.h"
 
@@ -138,6 +139,77 @@ SD_AVX2 void f32_block(const float* x, const SparseRows& w, const float* values,
   for (; n < n1; ++n) f32_rows<1, MT>(x, w, values, bias, n, y, ldy);
 }
 
+// ---- fp32 prefill: decode a few rows of W once, then a dense tile over all rows of X ----
+
+constexpr int64_t kDecodedRows = 4;
+constexpr int64_t kPrefillKBlock = 1024;
+constexpr int64_t kPrefillMinRows = 16;
+
+template <int R, int MT>
+SD_AVX2 inline void dense_tile(const float* x, int64_t k, const float* rows, int64_t kp, int64_t k0, int64_t k1,
+                               float* y, int64_t ldy) {
+  __m256 acc[MT][R];
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t full = std::min(k1, k / 8 * 8);
+  int64_t c = k0;
+  for (; c < full; c += 8) {
+    __m256 wv[R];
+    SD_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(rows + r * kp + c);
+    SD_UNROLL for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * k + c);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  if (c < k1) {  // the last, partial chunk of K: x is read only inside K
+    const __m256i xm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << (k - c)) - 1]));
+    SD_UNROLL for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_maskload_ps(x + m * k + c, xm);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows + r * kp + c), xv, acc[m][r]);
+    }
+  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) y[m * ldy + r] += hsum(acc[m][r]);
+}
+
+template <int R>
+SD_AVX2 void dense_rows(const float* x, int64_t m_rows, int64_t k, const float* rows, int64_t kp, int64_t k0,
+                        int64_t k1, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 2 <= m_rows; m += 2) dense_tile<R, 2>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
+  for (; m < m_rows; ++m) dense_tile<R, 1>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
+}
+
+SD_AVX2 void f32_prefill(const float* x, int64_t m_rows, const SparseRows& w, const float* values, const float* bias,
+                         int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t kp = (w.k + 7) / 8 * 8;
+  std::vector<float> decoded(static_cast<size_t>(kDecodedRows * kp));
+  for (int64_t nb = n0; nb < n1; nb += kDecodedRows) {
+    const int64_t rows = std::min(kDecodedRows, n1 - nb);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* bits = w.mask + (nb + r) * w.mask_stride;
+      const float* v = values + w.row_ptr[nb + r];
+      for (int64_t c = 0; c < kp / 8; ++c) {
+        const unsigned b = bits[c];
+        const int count = _mm_popcnt_u32(b);
+        const __m256 packed =
+            _mm256_maskload_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1])));
+        const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
+        _mm256_storeu_ps(decoded.data() + r * kp + 8 * c, _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep));
+        v += count;
+      }
+      for (int64_t m = 0; m < m_rows; ++m) y[m * ldy + nb + r] = bias ? bias[nb + r] : 0.0f;
+    }
+    for (int64_t k0 = 0; k0 < kp; k0 += kPrefillKBlock) {
+      const int64_t k1 = std::min(kp, k0 + kPrefillKBlock);
+      if (rows == kDecodedRows) {
+        dense_rows<kDecodedRows>(x, m_rows, w.k, decoded.data(), kp, k0, k1, y + nb, ldy);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) dense_rows<1>(x, m_rows, w.k, decoded.data() + r * kp, kp, k0, k1, y + nb + r, ldy);
+      }
+    }
+  }
+}
+
 // ---- int8 ----
 
 // The 16 values of mask bytes b0, b1 placed at their columns, from packed bytes at p (needs 16 readable bytes).
@@ -224,6 +296,7 @@ constexpr int64_t kMTile = 4;
 
 SD_AVX2 void sparse_f32_avx2(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                              const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  if (m_rows >= kPrefillMinRows) return f32_prefill(x, m_rows, w, values, bias, n0, n1, y, ldy);
   int64_t m = 0;
   for (; m + kMTile <= m_rows; m += kMTile) f32_block<kMTile>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);
   for (; m < m_rows; ++m) f32_block<1>(x + m * w.k, w, values, bias, n0, n1, y + m * ldy, ldy);

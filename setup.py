@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 HEADER = "onnxruntime_cxx_api.h"
 UNAVAILABLE = "_sparse_ops.unavailable"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+HEADERS_CACHE = ROOT / "build" / "ort-headers"
 HEADERS_SUITE = "trixie"  # libonnxruntime-dev 1.21: the oldest C API this library supports is 1.17
 
 
@@ -104,7 +105,7 @@ def find_ort_headers(build_dir: Path) -> tuple[Path | None, str]:
     for folder in [*_pkg_config_dirs(), "/usr/include/onnxruntime", "/usr/local/include/onnxruntime"]:
         if _has_header(folder):
             return Path(folder), ""
-    return _download_headers(build_dir / "ort-headers")
+    return _download_headers(build_dir)
 
 
 class BuildSparseOps(build_ext):
@@ -137,7 +138,9 @@ class BuildSparseOps(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         marker = self._marker()
-        include, why = find_ort_headers(Path(self.build_temp).resolve())
+        # Downloaded headers go to build/ort-headers in the source tree (ignored by git), not to pip's temporary build
+        # folder: later builds reuse them, and the tests compile a C program against them.
+        include, why = find_ort_headers(HEADERS_CACHE)
         if include is not None:
             ext.include_dirs = [str(include), str(ROOT / "native")]
             try:

@@ -93,7 +93,6 @@ class SparseKernel {
   SparseKernel(const OrtKernelInfo* info, KernelSet kernels, bool int8) : kernels_(kernels), int8_(int8) {
     Ort::ConstKernelInfo ki(info);
     name_ = ki.GetNodeName();
-    inputs_ = ki.GetInputCount();
     int constant = 0;
     weights_constant_ = true;
     for (size_t i = 1; i <= 3; ++i) {
@@ -201,7 +200,6 @@ class SparseKernel {
   KernelSet kernels_;
   bool int8_;
   std::string name_;
-  size_t inputs_ = 0;
   bool weights_constant_ = false;
   std::atomic<bool> validated_{false};
   std::mutex mutex_;

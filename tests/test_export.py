@@ -17,7 +17,7 @@ from tiny_models import make_tiny
 from sparse_deploy import ExportConfig, export
 from sparse_deploy.adapters import adapter_for
 from sparse_deploy.checkpoint import LayerRecord, Manifest, write_manifest
-from sparse_deploy.config import SparsitySpec
+from sparse_deploy.config import DEFAULT_TOLERANCES, SparsitySpec
 from sparse_deploy.errors import (
     ExportMismatchError, ModelLoadError, OutputExistsError, UnsupportedModelError,
 )
@@ -141,8 +141,10 @@ def test_int8_runs_on_integer_kernels_and_keeps_zeros(checkpoints, tmp_path):
 
     ck = checkpoints("opt")
     report = export(ck, tmp_path / "int8", ExportConfig(quantize="int8"))
-    assert report.parity.tolerance is None and report.parity.top1_agreement >= 0.8
-    assert report.parity.rel_diff < 0.1
+    assert report.parity.tolerance == DEFAULT_TOLERANCES["int8"] and report.parity.top1_agreement >= 0.8
+    assert report.parity.rel_diff < DEFAULT_TOLERANCES["int8"]
+    info = json.loads((tmp_path / "int8" / REPORT_NAME).read_text())
+    assert info["settings"]["int8_scheme"] == "s7-per-channel" and info["settings"]["tolerance"] == 0.1
     assert INTEGER_OPS & set(report.parity.executed_ops)
     assert len(report.quantized) == 2 * PRUNED_PER_LAYER["opt"] + 1  # the blocks and the (untied) LM head
     assert all(r.dtype == "int8" for r in report.encoded) and len(report.encoded) == 2 * PRUNED_PER_LAYER["opt"]
@@ -157,6 +159,7 @@ def test_int8_runs_on_integer_kernels_and_keeps_zeros(checkpoints, tmp_path):
         W = params[source.split(" ")[0]].detach().numpy()
         W = W.T if source.endswith("(transposed)") else W
         assert q.dtype == np.int8 and q.shape == W.shape and np.all(q[W == 0] == 0), "pruned zeros stay exactly 0"
+        assert np.abs(q).max() == 64, "7-bit grid: the largest weight of some channel maps to 64, none beyond"
         assert np.all(inits[rec.name[: -len("_quantized")] + "_zero_point"] == 0)
 
     # numpy-decoded weights handed to ONNX Runtime give the same logits as its own folding of the decode

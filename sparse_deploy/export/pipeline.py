@@ -19,6 +19,7 @@ from typing import Any
 import onnx
 
 from sparse_deploy import __version__
+from sparse_deploy.grids import INT8_SCHEME
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import ExportError, first_line
 from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
@@ -87,7 +88,8 @@ class ExportReport:
             "tool_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"model_type": self.model_type, "architecture": self.architecture, "task": self.task},
-            "settings": {**asdict(self.config), "opset": self.opset},
+            "settings": {**asdict(self.config), "opset": self.opset, "tolerance": self.config.parity_tolerance,
+                         **({"int8_scheme": INT8_SCHEME} if self.config.quantize == "int8" else {})},
             "files": dict(self.files),
             "totals": {
                 "weights": len(self.weights), "encoded_weights": len(self.encoded),
@@ -98,7 +100,9 @@ class ExportReport:
                 "model_bytes": self.model_bytes,
             },
             "quantization": None if not self.quantized else {
-                "scheme": "int8 weights per output channel, symmetric (zero point 0); uint8 activations, dynamic",
+                "scheme": INT8_SCHEME,
+                "description": "int8 storage of 7-bit weights (-64..64) per output channel, symmetric (zero point 0), "
+                               "scale max|w|/64; uint8 activations, dynamic",
                 "weights": len(self.quantized),
                 "untied": list(self.untied),
             },
@@ -132,7 +136,7 @@ class _Converted:
     untied: tuple[str, ...]
 
 
-def _convert(source, model: onnx.ModelProto, quantize: str, tmp_dir: Path | None = None) -> _Converted:
+def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
     """Name the weights after their torch parameters and quantize them if asked (Gemm weights become MatMul
     weights [in, out] first, so the names are taken after that step)."""
     untied: tuple[str, ...] = ()
@@ -144,7 +148,7 @@ def _convert(source, model: onnx.ModelProto, quantize: str, tmp_dir: Path | None
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
     if quantize != "int8":
         return _Converted(model, sources, frozenset(pruned), (), untied)
-    result = quantize_int8(model, untied, tmp_dir=tmp_dir)
+    result = quantize_int8(model, untied)
     sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
     pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
@@ -185,7 +189,7 @@ def export(
 
     Raises ModelLoadError / UnsupportedModelError for folders it cannot read, OutputExistsError for a non-empty
     ``output`` without ``force``, and ExportMismatchError when ONNX Runtime and torch disagree beyond the tolerance
-    (fp32). Nothing is left at ``output`` unless the export succeeded."""
+    (``ExportConfig.parity_tolerance``: per quantization unless given). Nothing is left at ``output`` unless the export succeeded."""
     from tqdm.auto import tqdm
 
     config = config or ExportConfig()
@@ -206,7 +210,7 @@ def export(
             step(1)
             exported = onnx.load(str(export_onnx(source, raw, config.opset)))
             step(2)
-            converted = _convert(source, exported, config.quantize, stage)
+            converted = _convert(source, exported, config.quantize)
             del exported
             step(3)
             records = plan(converted.model, config.encoding, min_sparsity=config.min_sparsity,
@@ -229,7 +233,7 @@ def export(
             )
             parity = check_parity(
                 files[0], source.model, ids, decoder=source.decoder, input_source=input_source,
-                tolerance=None if config.quantize == "int8" else config.tolerance, work_dir=stage,
+                tolerance=config.parity_tolerance, work_dir=stage,
             )
             report = ExportReport(
                 output=output, files={p.name: p.stat().st_size for p in files}, task=source.task,

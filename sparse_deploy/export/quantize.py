@@ -1,7 +1,8 @@
 """int8 weight quantization after pruning, on ONNX Runtime's integer MatMul kernels.
 
-Every MatMul whose weight is a constant gets per-output-channel symmetric int8 weights (scale = max|w|/127 per
-column of B, zero point 0, so pruned zeros stay exactly 0) and dynamically quantized uint8 activations; ONNX
+Every MatMul whose weight is a constant gets per-output-channel symmetric 7-bit weights (scale = max|w|/64 per
+column of B, values in [-64, 64] stored as int8, zero point 0, so pruned zeros stay exactly 0; 7 bits so that CPUs
+without VNNI cannot saturate, see ``sparse_deploy.grids``) and dynamically quantized uint8 activations; ONNX
 Runtime fuses the result into DynamicQuantizeMatMul / MatMulIntegerToFloat. Gemm weights are first rewritten as
 MatMul (+ Add for the bias), and a MatMul reading a transposed initializer (a tied LM head) gets its own
 transposed copy, so that both are quantized too.
@@ -9,17 +10,14 @@ transposed copy, so that both are quantized too.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sparse_deploy import grids
 from sparse_deploy.errors import ExportError
-from sparse_deploy.export.onnx_export import quiet_libraries
-from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
 QUANT_SUFFIX = "_quantized"  # onnxruntime.quantization names the int8 weight <float name> + this
 INTEGER_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
@@ -108,37 +106,62 @@ def prepare_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ..
     return untie_transposed(gemm_to_matmul(model))
 
 
-def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (),
-                  tmp_dir: str | Path | None = None) -> QuantizeResult:
-    """Per-output-channel symmetric int8 weights for every MatMul with a constant float weight of a model that
-    went through ``prepare_int8``. The quantizer's model-sized temporary files go under ``tmp_dir`` (export passes
-    its staging folder, so a killed run leaves nothing in the system's temporary folder)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    inits = {init.name: init for init in prepared.graph.initializer}
+def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> QuantizeResult:
+    """7-bit symmetric per-output-channel weights (``grids.INT8_SCHEME``) for every MatMul with a constant 2-D
+    float weight of a model that went through ``prepare_int8``, written as the graph ONNX Runtime's dynamic
+    quantizer emits (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul), which it fuses into its integer
+    kernels. The same file is right on every x86 CPU: see ``sparse_deploy.grids`` for why 7 bits."""
+    out = onnx.ModelProto()
+    out.CopyFrom(prepared)
+    graph = out.graph
+    inits = {init.name: init for init in graph.initializer}
     targets = [
-        node for node in prepared.graph.node
+        node for node in graph.node
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
         and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
     ]
     if not targets:
         raise ExportError("the model has no MatMul with a constant float weight to quantize")
-    for k, node in enumerate(targets):
-        node.name = node.name or f"sparse_deploy.matmul.{k}"
-    large = initializer_bytes(prepared) > EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(prefix="sparse_deploy_int8_", dir=tmp_dir) as tmp, quiet_libraries():
-        path = Path(tmp) / "quantized.onnx"
-        quantize_dynamic(
-            prepared, path, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
-            weight_type=QuantType.QInt8, nodes_to_quantize=[node.name for node in targets],
-            use_external_data_format=large,
-            extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
-        )
-        quantized = onnx.load(path)
-    names = {init.name for init in quantized.graph.initializer}
-    done = tuple(node.input[1] for node in targets if node.input[1] + QUANT_SUFFIX in names)
-    if len(done) != len(targets):
-        missing = sorted({node.input[1] for node in targets} - set(done))
-        raise ExportError(f"onnxruntime did not quantize the weights {missing[:5]}")
-    return QuantizeResult(model=quantized, quantized=done, untied=untied)
-
+    taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(inits) \
+        | {v.name for v in (*graph.input, *graph.output)}
+    new_names = {f"{node.input[1]}{suffix}" for node in targets for suffix in (QUANT_SUFFIX, "_scale", "_zero_point")}
+    if new_names & taken:
+        raise ExportError(f"the graph already has tensors named {sorted(new_names & taken)[:3]}; cannot quantize it")
+    weights = sorted({node.input[1] for node in targets})
+    added = []
+    for name in weights:
+        B = numpy_helper.to_array(inits[name])  # [K, N]: MatMul's B, so output channels are its columns
+        scales = grids.int8_scales(B.T)  # [N]
+        q = grids.quantize(B.T, scales, bits=8).T  # [K, N] int8 in [-64, 64]
+        added += [numpy_helper.from_array(np.ascontiguousarray(q), name + QUANT_SUFFIX),
+                  numpy_helper.from_array(scales, name + "_scale"),
+                  numpy_helper.from_array(np.zeros(scales.shape, np.int8), name + "_zero_point")]
+    target_ids = {id(node) for node in targets}
+    nodes, quantized_inputs = [], set()
+    for k, node in enumerate(graph.node):
+        if id(node) not in target_ids:
+            nodes.append(node)
+            continue
+        x, w, y = node.input[0], node.input[1], node.output[0]
+        prefix = node.name or f"sparse_deploy.matmul.{k}"
+        xq, xs, xz = f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"
+        if x not in quantized_inputs:  # one DynamicQuantizeLinear per activation, before its first MatMul
+            if {xq, xs, xz} & taken:
+                raise ExportError(f"the graph already has a tensor named {xq!r}; cannot quantize it")
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"{prefix}.quantize_x"))
+            quantized_inputs.add(x)
+        scale = f"{prefix}.scales_mul"
+        nodes += [
+            helper.make_node("Mul", [xs, w + "_scale"], [scale], name=f"{prefix}.scales"),
+            helper.make_node("MatMulInteger", [xq, w + QUANT_SUFFIX, xz, w + "_zero_point"], [f"{y}.int32"],
+                             name=f"{prefix}.integer"),
+            helper.make_node("Cast", [f"{y}.int32"], [f"{y}.float"], name=f"{prefix}.cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{y}.float", scale], [y], name=f"{prefix}.rescale"),
+        ]
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used or init.name not in set(weights)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)

@@ -2,8 +2,9 @@
 
 Decoders are compared on a prompt (empty KV cache) and on one more token decoded with the cache the prompt
 produced, so the cache path is checked too; encoders on ``last_hidden_state``. The error is
-max|ORT − torch| / max|torch|; for fp32 exports it must stay within the tolerance, for int8 exports it is reported
-together with the top-1 agreement (the fraction of positions whose most likely next token is the same).
+max|ORT − torch| / max|torch|; it must stay within the tolerance of the export's quantization
+(``config.DEFAULT_TOLERANCES``) and is reported together with the top-1 agreement (the fraction of positions whose
+most likely next token is the same).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ParityReport:
     max_abs_diff: float
     scale: float  # max |torch output|
     rel_diff: float  # max_abs_diff / scale
-    tolerance: float | None  # None: reported, not enforced (int8)
+    tolerance: float | None  # None: reported, not enforced
     top1_agreement: float | None  # decoders: argmax agreement over the positions
     cache_checked: bool  # a decoding step fed with the model's own KV cache was compared
     input_source: str  # "tokenizer" or "random ids (no tokenizer)"

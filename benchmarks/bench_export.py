@@ -8,8 +8,9 @@ its decoder blocks is magnitude-pruned, and it is exported through ``sparse_depl
     dense        the plain fp32 export (the baseline)
     coo          fp32, pruned weights as ONNX sparse_initializer
     packed       fp32, pruned weights as bits + nonzero values
-    int8         int8 weights (per output channel, symmetric), stored dense
+    int8         int8 storage of 7-bit weights (per output channel, symmetric), stored dense
     int8+packed  int8 weights, pruned ones packed
+    int4         4-bit MatMulNBits weights (groups of 32, symmetric, accuracy level 4)
 
 Each session is created ``--repeat`` times, each in a fresh Python process (ONNX Runtime, CPU provider, default
 options); load_s is the median time of creating the session, peak_rss_bytes the median of the process's
@@ -46,6 +47,7 @@ VARIANTS = {
     "packed": ExportConfig(encoding="packed"),
     "int8": ExportConfig(encoding="dense", quantize="int8"),
     "int8+packed": ExportConfig(encoding="packed", quantize="int8"),
+    "int4": ExportConfig(encoding="dense", quantize="int4"),
 }
 _LOAD = """
 import sys, time

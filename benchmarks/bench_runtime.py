@@ -1,10 +1,10 @@
-"""What sparsity and int8 buy at run time on this CPU: an OPT-125m-shaped model, 50% pruned, under ONNX Runtime.
+"""What sparsity, int8 and int4 buy at run time on this CPU: an OPT-125m-shaped model, 50% pruned, under ONNX Runtime.
 
     python benchmarks/bench_runtime.py [--prompt-len 128] [--new-tokens 64] [--runs 5] [--threads N] [--json PATH]
 
 Variants, each exported by ``sparse_deploy.export`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
-``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, and the
+``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4 (MatMulNBits), and the
 checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the same greedy decode
 driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and by optimum's ``ORTModelForCausalLM``.
 """
@@ -34,6 +34,7 @@ VARIANTS = {
     "packed fp32": ExportConfig(encoding="packed"),
     "int8": ExportConfig(encoding="dense", quantize="int8"),
     "int8+packed": ExportConfig(encoding="packed", quantize="int8"),
+    "int4": ExportConfig(encoding="dense", quantize="int4"),
 }
 
 

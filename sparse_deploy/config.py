@@ -258,13 +258,14 @@ def _newest_opset() -> int:
 
 
 ExportEncoding = Literal["packed", "coo", "dense", "auto"]
-Quantization = Literal["none", "int8"]
+Quantization = Literal["none", "int8", "int4"]
 EXPORT_ENCODINGS: tuple[str, ...] = ("packed", "coo", "dense", "auto")
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
+INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 # Largest parity error allowed per quantization: max |ONNX Runtime - torch| / max |torch| over logits (decoders) or
 # last_hidden_state (encoders). fp32 is float rounding; int8 and int4 are what their grids cost on the tiny test
 # models and stdlib-opt-4l, with a margin (benchmarks/RESULTS.md, "Quantization").
-DEFAULT_TOLERANCES: dict[str, float] = {"none": 1e-3, "int8": 0.1}
+DEFAULT_TOLERANCES: dict[str, float] = {"none": 1e-3, "int8": 0.1, "int4": 0.4}
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,10 @@ class ExportConfig:
     or ``auto`` (the smallest of the three for each weight).
     ``quantize``: ``int8`` quantizes every MatMul weight per output channel, symmetrically, to 7 bits (values in
     [-64, 64], so ONNX Runtime's integer kernels are right on CPUs without VNNI too) after pruning (zeros stay
-    exactly 0) and runs them on ONNX Runtime's integer kernels; activations are quantized dynamically.
+    exactly 0) and runs them on ONNX Runtime's integer kernels; activations are quantized dynamically. ``int4``
+    writes ONNX Runtime's MatMulNBits nodes: 4-bit symmetric weights in groups of ``group_size`` input columns
+    (zeros stay exactly 0), accuracy level 4.
+    ``group_size``: int4 only, 32, 64 or 128 input columns per scale.
     ``opset``: the ONNX opset; None takes the exporter's default for the architecture.
     ``min_sparsity``: a weight counts as pruned when at least this fraction of it is zero (or when the checkpoint's
     ``sparse_deploy.json`` records it as pruned); other weights stay dense.
@@ -289,6 +293,7 @@ class ExportConfig:
 
     encoding: ExportEncoding = "packed"
     quantize: Quantization = "none"
+    group_size: int = 32
     opset: int | None = None
     min_sparsity: float = 0.25
     tolerance: float | None = None
@@ -305,7 +310,10 @@ class ExportConfig:
         if self.encoding not in EXPORT_ENCODINGS:
             raise ConfigError(f"encoding must be one of {', '.join(EXPORT_ENCODINGS)}, got {self.encoding!r}")
         if self.quantize not in QUANTIZATIONS:
-            raise ConfigError(f"quantize must be none or int8, got {self.quantize!r}")
+            raise ConfigError(f"quantize must be none, int8 or int4, got {self.quantize!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                              f"got {self.group_size!r}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
                                        or not 14 <= self.opset <= _newest_opset()):
             raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "

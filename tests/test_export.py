@@ -243,7 +243,7 @@ def test_cli_exports_and_reports_errors_on_one_line(checkpoints, tmp_path):
 def test_export_config_is_validated():
     from sparse_deploy.errors import ConfigError
 
-    for bad in ({"encoding": "zip"}, {"quantize": "int4"}, {"opset": 7}, {"opset": 13}, {"opset": True},
+    for bad in ({"encoding": "zip"}, {"quantize": "int3"}, {"group_size": 48}, {"group_size": True}, {"opset": 7}, {"opset": 13}, {"opset": True},
                 {"min_sparsity": 0}, {"tolerance": 0.0}, {"tolerance": float("nan")}, {"validation_tokens": 1}):
         with pytest.raises(ConfigError):
             ExportConfig(**bad)

@@ -17,6 +17,7 @@ from sparse_deploy.api import prune
 from sparse_deploy.checkpoint import read_grids
 from sparse_deploy.config import CalibrationConfig, PruneConfig, QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ExportError
+from sparse_deploy.export.quantize import INT4_SUFFIX, unpack_int4
 from sparse_deploy.export.sparse_encoding import read_packed
 
 
@@ -75,3 +76,34 @@ def test_off_grid_weights_and_the_wrong_quantization_are_refused(int8_checkpoint
     int4 = pruned(tmp_path / "q4", calib_text, QuantSpec(4, 32))
     with pytest.raises(ExportError, match="--quantize int4"):
         export(int4, tmp_path / "out4", ExportConfig(quantize="int8"))
+    with pytest.raises(ExportError, match="--group-size 32"):
+        export(int4, tmp_path / "out4", ExportConfig(quantize="int4", group_size=64))
+    asym = pruned(tmp_path / "q4a", calib_text, QuantSpec(4, 32, symmetric=False))
+    with pytest.raises(ExportError, match="--symmetric"):
+        export(asym, tmp_path / "out4", ExportConfig(quantize="int4", group_size=32))
+    assert not (tmp_path / "out4").exists()
+
+
+def test_int4_export_writes_the_solver_nibbles_and_scales(tmp_path, calib_text):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = pruned(tmp_path, calib_text, QuantSpec(4, 32))
+    report = export(checkpoint, tmp_path / "onnx", ExportConfig(quantize="int4", group_size=32))
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    params = dict(AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters())
+    solver = read_grids(checkpoint)
+    checked = 0
+    for name, source in report.sources.items():
+        param = source.split(" ")[0]
+        if not name.endswith(INT4_SUFFIX) or param not in solver:
+            continue
+        W = params[param].detach().numpy()  # [out, in]
+        base = name[: -len(INT4_SUFFIX)]
+        packed = read_packed(model, name) if any(r.name == name for r in report.encoded) else \
+            numpy_helper.to_array(inits[name])
+        scales = numpy_helper.to_array(inits[base + "_scales"])
+        assert np.array_equal(scales, solver[param].scales.reshape(-1)), "the solver's scales"
+        assert np.array_equal(unpack_int4(packed, scales, W.shape[1]).T, W), "the solver's integers, exactly"
+        checked += 1
+    assert checked == len(solver) == 12

@@ -19,11 +19,11 @@ from typing import Any
 import onnx
 
 from sparse_deploy import __version__
-from sparse_deploy.grids import INT8_SCHEME
+from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import ExportError, first_line
 from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
-from sparse_deploy.export.quantize import QUANT_SUFFIX, prepare_int8, quantize_int8
+from sparse_deploy.export.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_int8, quantize_int4, quantize_int8
 from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.integrity import DIGEST_KEY, file_digests
@@ -37,6 +37,21 @@ _STEPS = ("load checkpoint", "export ONNX", "quantize", "encode weights", "save 
 
 class SparseEncodingWarning(UserWarning):
     """A weight was stored in an encoding larger than dense because that encoding was asked for."""
+
+
+_SCHEMES = {
+    "int8": lambda config: {
+        "scheme": INT8_SCHEME,
+        "description": "int8 storage of 7-bit weights (-64..64) per output channel, symmetric (zero point 0), "
+                       "scale max|w|/64; uint8 activations, dynamic (DynamicQuantizeLinear -> MatMulInteger)",
+    },
+    "int4": lambda config: {
+        "scheme": INT4_SCHEME, "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": config.group_size,
+        "accuracy_level": 4,
+        "description": f"4-bit weights in groups of {config.group_size} input columns per output channel, symmetric "
+                       "(scale = signed max / -8, zero point 8)",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,8 @@ class ExportReport:
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"model_type": self.model_type, "architecture": self.architecture, "task": self.task},
             "settings": {**asdict(self.config), "opset": self.opset, "tolerance": self.config.parity_tolerance,
-                         **({"int8_scheme": INT8_SCHEME} if self.config.quantize == "int8" else {})},
+                         **({"int8_scheme": INT8_SCHEME} if self.config.quantize == "int8" else {}),
+                         **({"int4_scheme": INT4_SCHEME} if self.config.quantize == "int4" else {})},
             "files": dict(self.files),
             "totals": {
                 "weights": len(self.weights), "encoded_weights": len(self.encoded),
@@ -100,9 +116,7 @@ class ExportReport:
                 "model_bytes": self.model_bytes,
             },
             "quantization": None if not self.quantized else {
-                "scheme": INT8_SCHEME,
-                "description": "int8 storage of 7-bit weights (-64..64) per output channel, symmetric (zero point 0), "
-                               "scale max|w|/64; uint8 activations, dynamic",
+                **_SCHEMES[self.config.quantize](self.config),
                 "weights": len(self.quantized),
                 "untied": list(self.untied),
             },
@@ -136,25 +150,28 @@ class _Converted:
     untied: tuple[str, ...]
 
 
-def _convert(source, model: onnx.ModelProto, quantize: str) -> _Converted:
+def _convert(source, model: onnx.ModelProto, quantize: str, group_size: int = 32) -> _Converted:
     """Name the weights after their torch parameters and quantize them if asked (Gemm weights become MatMul
     weights [in, out] first, so the names are taken after that step)."""
     untied: tuple[str, ...] = ()
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         model, untied = prepare_int8(model)
     sources = parameter_names(model, source.model)
     manifest = source.manifest
     pruned = {name for name, param in sources.items()
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
-    if quantize != "int8":
+    if quantize not in ("int8", "int4"):
         return _Converted(model, sources, frozenset(pruned), (), untied)
     from sparse_deploy.checkpoint import read_grids
 
     solver = read_grids(source.folder, manifest)  # prune --bits: the solver's scales, by torch weight name
     given = {name: solver[param.split(" ")[0]] for name, param in sources.items() if param.split(" ")[0] in solver}
-    result = quantize_int8(model, untied, given)
-    sources |= {n + QUANT_SUFFIX: sources[n] for n in result.quantized if n in sources}
-    pruned |= {n + QUANT_SUFFIX for n in result.quantized if n in pruned}
+    if quantize == "int8":
+        result, suffix = quantize_int8(model, untied, given), QUANT_SUFFIX
+    else:
+        result, suffix = quantize_int4(model, untied, group_size, given), INT4_SUFFIX
+    sources |= {n + suffix: sources[n] for n in result.quantized if n in sources}
+    pruned |= {n + suffix for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)
 
 
@@ -214,7 +231,7 @@ def export(
             step(1)
             exported = onnx.load(str(export_onnx(source, raw, config.opset)))
             step(2)
-            converted = _convert(source, exported, config.quantize)
+            converted = _convert(source, exported, config.quantize, config.group_size)
             del exported
             step(3)
             records = plan(converted.model, config.encoding, min_sparsity=config.min_sparsity,

@@ -112,3 +112,14 @@ def test_settings_that_would_waste_a_run_are_refused(tiny_opt, tmp_path, calib_t
                    "--reference applies to encoders")
     one_line_error(run("bench", tiny_opt, "--new-tokens", 1), 2, "new-tokens must be >= 2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_prune_with_bits_reports_the_grid_and_help_explains_it(tiny_opt, tmp_path, calib_text):
+    out = tmp_path / "q"
+    result = run("prune", tiny_opt, "-o", out, "--sparsity", 0, "--bits", 4, "--group-size", 32, "--calibration",
+                 calib_text, "--nsamples", 4, "--seqlen", 32, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "int4 group 32" in result.output and "warning" not in result.output, "--sparsity 0 with --bits is GPTQ"
+    assert json.loads((out / "sparse_deploy.json").read_text())["quantization"]["group_size"] == 32
+    text = " ".join(run("prune", "--help").output.split())
+    assert "--bits" in text and "GPTQ" in text and "--group-size" in text and "--asymmetric" in text

@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="prune runs timed per setting (median)")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-opt", action="store_true")
+    parser.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense perplexity")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -140,7 +141,7 @@ def main() -> None:
                        EvalConfig(dataset=str(data / "test.txt"), max_chars=50_000, reference=str(minilm),
                                   device="cpu"), "cosine", 1))
     for name, source, calib, evaluate, metric, repeats in models:
-        if metric == "perplexity":
+        if metric == "perplexity" and not args.skip_dense:
             run(name, "dense", source, source, evaluate, metric)
         for _ in range(repeats):
             for label, quant in (("s50", None), ("s50-int8", int8), ("s50-int4", int4)):

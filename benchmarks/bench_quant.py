@@ -34,6 +34,9 @@ SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
 
 
+ROWS = ("sparse", "int8", "rtn8", "int4", "rtn4", "gptq4", "rtn4-dense")
+
+
 @dataclass(frozen=True)
 class Row:
     model: str
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-opt", action="store_true")
     parser.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense perplexity")
+    parser.add_argument("--only", default=",".join(ROWS), help=f"rows to measure, of {','.join(ROWS)}")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -143,30 +147,45 @@ def main() -> None:
     for name, source, calib, evaluate, metric, repeats in models:
         if metric == "perplexity" and not args.skip_dense:
             run(name, "dense", source, source, evaluate, metric)
+        want = set(args.only.split(","))
+        joint = {"sparse": ("s50", None), "int8": ("s50-int8", int8), "int4": ("s50-int4", int4)}
+        if want & {"rtn8", "rtn4"}:
+            want.add("sparse")
         for _ in range(repeats):
-            for label, quant in (("s50", None), ("s50-int8", int8), ("s50-int4", int4)):
-                prune(source, f"{name}-{label}", calib, half, quant)
+            for key, (label, quant) in joint.items():
+                if key in want:
+                    prune(source, f"{name}-{label}", calib, half, quant)
         sparse = tmp / f"{name}-s50"
-        layers = [rec.name for rec in read_manifest(sparse).layers]
-        run(name, "SparseGPT 50%", source, sparse, evaluate, metric, timing(f"{name}-s50"))
-        run(name, "SparseGPT 50% + int8 (joint)", source, tmp / f"{name}-s50-int8", evaluate, metric,
-            timing(f"{name}-s50-int8"))
-        folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn8", 8, None, layers)
-        run(name, "SparseGPT 50%, then RTN int8", source, folder, evaluate, metric)
-        run(name, "SparseGPT 50% + int4 g128 (joint)", source, tmp / f"{name}-s50-int4", evaluate, metric,
-            timing(f"{name}-s50-int4"))
-        folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn4", 4, 128, layers)
-        run(name, "SparseGPT 50%, then RTN int4 g128", source, folder, evaluate, metric)
-        folder = prune(source, f"{name}-gptq4", calib, none, int4)
-        run(name, "GPTQ int4 g128 (--sparsity 0)", source, folder, evaluate, metric, timing(f"{name}-gptq4"))
-        folder = rtn_checkpoint(source, tmp / f"{name}-rtn4", 4, 128, layers)
-        run(name, "RTN int4 g128 (dense weights)", source, folder, evaluate, metric)
-        alone = timing(f"{name}-s50")
-        for bits in (8, 4):
-            joint = timing(f"{name}-s50-int{bits}")
-            print(f"{name}: prune time --bits {bits} / sparse only (median of {repeats}): wall "
-                  f"{joint[0] / alone[0]:.2f}x, cpu {joint[1] / alone[1]:.2f}x, solves {joint[2] / alone[2]:.2f}x",
-                  flush=True)
+        layers = [rec.name for rec in read_manifest(sparse).layers] if "sparse" in want else None
+        if "sparse" in want:
+            run(name, "SparseGPT 50%", source, sparse, evaluate, metric, timing(f"{name}-s50"))
+        if "int8" in want:
+            run(name, "SparseGPT 50% + int8 (joint)", source, tmp / f"{name}-s50-int8", evaluate, metric,
+                timing(f"{name}-s50-int8"))
+        if "rtn8" in want:
+            folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn8", 8, None, layers)
+            run(name, "SparseGPT 50%, then RTN int8", source, folder, evaluate, metric)
+        if "int4" in want:
+            run(name, "SparseGPT 50% + int4 g128 (joint)", source, tmp / f"{name}-s50-int4", evaluate, metric,
+                timing(f"{name}-s50-int4"))
+        if "rtn4" in want:
+            folder = rtn_checkpoint(sparse, tmp / f"{name}-s50-rtn4", 4, 128, layers)
+            run(name, "SparseGPT 50%, then RTN int4 g128", source, folder, evaluate, metric)
+        if want & {"gptq4", "rtn4-dense"}:
+            gptq = prune(source, f"{name}-gptq4", calib, none, int4)
+            layers = [rec.name for rec in read_manifest(gptq).layers]
+        if "gptq4" in want:
+            run(name, "GPTQ int4 g128 (--sparsity 0)", source, gptq, evaluate, metric, timing(f"{name}-gptq4"))
+        if "rtn4-dense" in want:
+            folder = rtn_checkpoint(source, tmp / f"{name}-rtn4", 4, 128, layers)
+            run(name, "RTN int4 g128 (dense weights)", source, folder, evaluate, metric)
+        if {"sparse", "int8", "int4"} <= want:
+            alone = timing(f"{name}-s50")
+            for bits in (8, 4):
+                joint_t = timing(f"{name}-s50-int{bits}")
+                print(f"{name}: prune time --bits {bits} / sparse only (median of {repeats}): wall "
+                      f"{joint_t[0] / alone[0]:.2f}x, cpu {joint_t[1] / alone[1]:.2f}x, solves "
+                      f"{joint_t[2] / alone[2]:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
 

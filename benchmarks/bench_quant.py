@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense perplexity")
     parser.add_argument("--only", default=",".join(ROWS), help=f"rows to measure, of {','.join(ROWS)}")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--solver-timing", type=int, default=0, metavar="N",
+                        help="only time N interleaved rounds of single solves at stdlib-opt-4l's shapes (CPU time)")
     args = parser.parse_args()
 
     import torch
@@ -126,6 +128,10 @@ def main() -> None:
     for quant in (None, QuantSpec(8, None), QuantSpec(4, 128)):
         for spec in (SparsitySpec.unstructured(0.5), SparsitySpec.pattern("2:4")):
             sparsify(W, H, spec, SolverConfig(device="cpu"), quant=quant)
+
+    if args.solver_timing:
+        solver_timing(args.solver_timing)
+        return
 
     half = SparsitySpec.unstructured(0.5)
     none = SparsitySpec.unstructured(0.0)
@@ -188,6 +194,37 @@ def main() -> None:
                       f"{joint_t[2] / alone[2]:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+
+
+def solver_timing(rounds: int) -> None:
+    """CPU time (this process, all threads) of one solve per linear shape of stdlib-opt-4l's blocks, sparse only
+    against --bits 8 and --bits 4, interleaved so that load on a shared machine hits all alike; medians."""
+    import torch
+
+    from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
+    from sparse_deploy.prune import sparsify
+
+    shapes = [(256, 256)] * 4 + [(1024, 256), (256, 1024)]  # q, k, v, out_proj, fc1, fc2: [out, in]
+    gen = torch.Generator().manual_seed(0)
+    problems = []
+    for rows, cols in shapes:
+        X = torch.randn(4096, cols, generator=gen) @ (torch.eye(cols) + torch.randn(cols, cols, generator=gen) / cols)
+        problems.append((torch.randn(rows, cols, generator=gen), 2 / 4096 * X.T @ X))
+    settings = {"sparse only": None, "--bits 8": QuantSpec(8, None), "--bits 4": QuantSpec(4, 128)}
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    for spec in (SparsitySpec.unstructured(0.5),):
+        for round_ in range(rounds + 1):
+            for label, quant in settings.items():
+                start = time.process_time()
+                for W, H in problems:
+                    sparsify(W, H, spec, SolverConfig(device="cpu"), quant=quant)
+                if round_:  # round 0 warms up
+                    times[label].append(time.process_time() - start)
+    base = statistics.median(times["sparse only"])
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"solves of one block (6 linears, 50%), {label:>11}: median {median * 1e3:7.1f} ms CPU over {rounds} "
+              f"rounds, {median / base:.2f}x sparse only", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ _EXPORTS = {
     "EvalConfig": "sparse_deploy.config",
     "SolverConfig": "sparse_deploy.config",
     "SparsitySpec": "sparse_deploy.config",
+    "QuantSpec": "sparse_deploy.config",
     "inspect_checkpoint": "sparse_deploy.inspection",
     "benchmark": "sparse_deploy.runtime.bench",
     "BenchConfig": "sparse_deploy.runtime.bench",

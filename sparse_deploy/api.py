@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from sparse_deploy import __version__
-from sparse_deploy.formats.checkpoint import LayerRecord, Manifest, write_manifest
+from sparse_deploy.formats.checkpoint import SCALES_NAME, LayerRecord, Manifest, write_manifest, write_scales
 from sparse_deploy.config import EvalConfig, PruneConfig
 from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity
@@ -125,8 +125,32 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
                       "numba": package_version("numba"), "python": platform.python_version()},
             tool_version=__version__,
         )
+        if config.quant is not None:
+            manifest = replace(manifest, quantization=_write_grid(stage, config, report))
         write_manifest(stage, manifest)
     return PruneReport(output, manifest)
+
+
+def _write_grid(stage: Path, config: PruneConfig, report) -> dict:
+    """The sidecar of solver scales and the manifest's record of the grid (see ``checkpoint``)."""
+    from sparse_deploy import grids
+
+    quant = config.quant
+    tensors = {}
+    for r in report.linears:
+        if r.scales is None:
+            continue
+        scales = r.scales.numpy()
+        tensors[f"{r.name}.weight.scales"] = scales[:, 0].copy() if quant.group_size is None else scales
+        if r.zero_points is not None:
+            tensors[f"{r.name}.weight.zero_points"] = r.zero_points.numpy().astype("uint8")
+    write_scales(stage, tensors)
+    lo, hi = quant.qrange
+    scheme = grids.INT8_SCHEME if quant.bits == 8 else (grids.INT4_SCHEME if quant.symmetric
+                                                         else "int4-asymmetric-per-group")
+    return {"bits": quant.bits, "group_size": quant.group_size, "symmetric": quant.symmetric, "scheme": scheme,
+            "qmin": lo, "qmax": hi, "scales_file": SCALES_NAME, "weights": len([k for k in tensors
+                                                                                if k.endswith(".scales")])}
 
 
 def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: bool = True) -> EvalReport:

@@ -20,7 +20,8 @@ import typer
 from typer.core import TyperGroup
 
 from sparse_deploy import __version__, api
-from sparse_deploy.config import CalibrationConfig, EvalConfig, PruneConfig, SolverConfig, SparsitySpec
+from sparse_deploy.config import (CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
+                                  SparsitySpec)
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
 
@@ -163,11 +164,24 @@ def prune(
     true_sequential: bool = typer.Option(
         False, "--true-sequential", help="Prune attention inputs, attention output, MLP in, MLP out in turn."
     ),
+    bits: Optional[int] = typer.Option(
+        None, "--bits", help="Also quantize every kept weight inside the SparseGPT sweep (section 3.5), pushing "
+        "each rounding error onto the columns not yet processed: 8 (7-bit symmetric per output channel, the grid "
+        "of export --quantize int8) or 4 (per group of --group-size input columns, MatMulNBits' grid). The "
+        "checkpoint stores the dequantized weights plus their scales (quant_scales.safetensors), so export "
+        "writes these exact integers. With --sparsity 0 this is GPTQ. sparsegpt only."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale with --bits 4: 32, 64 "
+                                             "or 128 [default: 128]."),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="--bits 4 grid: symmetric (q in -8..7, "
+                                   "what ONNX Runtime's MatMulNBits exports use) or with a zero point per group "
+                                   "(q in 0..15)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the manifest (sparse_deploy.json) here."),
 ) -> None:
-    """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads."""
+    """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads.
+
+    With --bits, SparseGPT also quantizes (joint sparsification and quantization; --sparsity 0 gives GPTQ)."""
     with reported():
         _writable_file(json_path, "--json")
         config = PruneConfig(
@@ -178,15 +192,17 @@ def prune(
             true_sequential=true_sequential,
             skip=skip,
             trust_remote_code=trust_remote_code,
+            quant=QuantSpec.from_options(bits, group_size, symmetric),
         )
-        if config.spec.target == 0:
+        if config.spec.target == 0 and config.quant is None:
             typer.secho("warning: --sparsity 0 prunes nothing; the checkpoint will hold the input's weights",
                         err=True, fg=typer.colors.YELLOW)
         report = api.prune(model, output, config, force=force)
         m = report.manifest
         typer.echo(
             f"pruned {len(m.layers)} linear layers of {model} to {percent(m.totals['sparsity'])} "
-            f"({m.method}, {m.pattern or f'{config.spec} unstructured'}) in {m.time_s:.1f} s, "
+            f"({m.method}, {m.pattern or f'{config.spec} unstructured'}"
+            f"{f', {config.quant}' if config.quant else ''}) in {m.time_s:.1f} s, "
             f"peak RSS {m.peak_rss_bytes / 2**30:.2f} GiB -> {report.output}"
         )
         if json_path:

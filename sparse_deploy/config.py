@@ -106,6 +106,66 @@ class SolverConfig:
             raise ConfigError(f"damp_retries must be >= 0, got {self.damp_retries}")
 
 
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Joint quantization in the SparseGPT sweep (section 3.5): the grid every kept weight is rounded to.
+
+    ``bits`` 8: one scale per output channel (7-bit symmetric, q in [-64, 64]: the grid that ``export --quantize
+    int8`` runs correctly on every CPU). ``bits`` 4: one scale per group of ``group_size`` input columns (32, 64 or
+    128) of each row, symmetric (q in [-8, 7], MatMulNBits' grid) or, with ``symmetric=False``, with a zero point
+    (q in [0, 15]). The grids are those of ``sparse_deploy.grids``.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (4, 8):
+            raise ConfigError(f"--bits must be 8 or 4, got {self.bits!r}")
+        if self.bits == 8:
+            if self.group_size is not None:
+                raise ConfigError(f"--bits 8 uses one scale per output channel; --group-size ({self.group_size}) "
+                                  f"applies to --bits 4 only")
+            if not self.symmetric:
+                raise ConfigError("--bits 8 is symmetric (7-bit, per output channel); --asymmetric applies to "
+                                  "--bits 4 only")
+            return
+        if self.group_size not in QUANT_GROUP_SIZES:
+            raise ConfigError(f"--group-size must be 32, 64 or 128 for --bits 4, got {self.group_size!r}")
+
+    @classmethod
+    def from_options(cls, bits: int | None, group_size: int | None, symmetric: bool = True) -> QuantSpec | None:
+        """The CLI's ``--bits`` / ``--group-size`` / ``--symmetric``; None when ``--bits`` is not given."""
+        if bits is None:
+            if group_size is not None:
+                raise ConfigError("--group-size needs --bits 4")
+            if not symmetric:
+                raise ConfigError("--asymmetric needs --bits 4")
+            return None
+        if bits == 4 and group_size is None:
+            group_size = 128
+        return cls(bits=bits, group_size=group_size, symmetric=symmetric)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.bits == 8:
+            return -64, 64
+        return (-8, 7) if self.symmetric else (0, 15)
+
+    def group_for(self, cols: int) -> int:
+        """Input columns per scale for a matrix of ``cols`` columns (all of them for per-channel int8)."""
+        return cols if self.group_size is None else self.group_size
+
+    def __str__(self) -> str:
+        if self.bits == 8:
+            return "int8 per channel"
+        return f"int4 group {self.group_size}{'' if self.symmetric else ' asymmetric'}"
+
+
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 DATASET_NAMES = ("wikitext2", "c4", "ptb")
 
@@ -142,10 +202,19 @@ class PruneConfig:
     true_sequential: bool = False
     skip: str | None = None
     trust_remote_code: bool = False
+    quant: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("sparsegpt", "wanda", "magnitude"):
             raise ConfigError(f"method must be sparsegpt, wanda or magnitude, got {self.method!r}")
+        if self.quant is not None and self.method != "sparsegpt":
+            raise ConfigError(f"--bits needs --method sparsegpt: quantization runs inside its sweep, which {self.method} "
+                              f"does not have")
+        if self.quant is not None and self.quant.group_size is not None:
+            bs, gs = self.solver.blocksize, self.quant.group_size
+            if bs % gs and gs % bs:
+                raise ConfigError(f"--blocksize {bs} and --group-size {gs} must divide one another (for example "
+                                  f"--blocksize 128)")
         if self.skip is not None:
             try:
                 re.compile(self.skip)

@@ -40,6 +40,13 @@ def one_line_error(result, code: int, text: str):
         (["--skip", "("], "not a valid regular expression"),
         (["--device", "tpu"], "auto, cpu or cuda"),
         (["--pattern", "2:4", "--blocksize", "6"], "multiple of m=4"),
+        (["--bits", "3"], "--bits must be 8 or 4"),
+        (["--bits", "4", "--group-size", "100"], "32, 64 or 128"),
+        (["--bits", "8", "--group-size", "64"], "per output channel"),
+        (["--group-size", "64"], "--group-size needs --bits 4"),
+        (["--bits", "4", "--method", "magnitude"], "--bits needs --method sparsegpt"),
+        (["--bits", "4", "--group-size", "64", "--blocksize", "96"], "divide one another"),
+        (["--bits", "8", "--asymmetric"], "--asymmetric applies to --bits 4"),
     ],
 )
 def test_bad_settings(tiny_opt, tmp_path, extra, text):
@@ -114,3 +121,14 @@ def test_settings_that_would_waste_a_run_are_refused(tiny_opt, tmp_path, calib_t
                    "--reference applies to encoders")
     one_line_error(run("bench", tiny_opt, "--new-tokens", 1), 2, "new-tokens must be >= 2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_prune_with_bits_reports_the_grid_and_help_explains_it(tiny_opt, tmp_path, calib_text):
+    out = tmp_path / "q"
+    result = run("prune", tiny_opt, "-o", out, "--sparsity", 0, "--bits", 4, "--group-size", 32, "--calibration",
+                 calib_text, "--nsamples", 4, "--seqlen", 32, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "int4 group 32" in result.output and "warning" not in result.output, "--sparsity 0 with --bits is GPTQ"
+    assert json.loads((out / "sparse_deploy.json").read_text())["quantization"]["group_size"] == 32
+    text = " ".join(run("prune", "--help").output.split())
+    assert "--bits" in text and "GPTQ" in text and "--group-size" in text and "--asymmetric" in text

@@ -172,3 +172,46 @@ def test_cuda_prune_matches_cpu_prune(tmp_path, calib_text):
         assert abs(float((weight == 0).float().mean()) - 0.5) <= 0.005, name
     for a, b in zip(cpu.layers, gpu.layers):
         assert a.rel_error == pytest.approx(b.rel_error, rel=0.1, abs=1e-4), a.name
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, True), (4, 64, False)])
+def test_joint_quantization_checkpoint_holds_grid_values_and_their_scales(tmp_path, calib_text, bits, group_size,
+                                                                           symmetric):
+    """prune --bits: transformers loads the dequantized weights; the manifest and the sidecar give back, for every
+    pruned linear, scales under which every stored weight is an integer of the grid and pruned ones are 0."""
+    import numpy as np
+
+    from sparse_deploy import grids
+    from sparse_deploy.formats.checkpoint import SCALES_NAME, read_grids
+    from sparse_deploy.config import QuantSpec
+
+    source = make_tiny("opt", tmp_path / "dense")
+    quant = QuantSpec(bits, group_size, symmetric)
+    report = prune(str(source), tmp_path / "pruned", config_for(calib_text, quant=quant), progress=False)
+    info = read_manifest(tmp_path / "pruned").quantization
+    assert info == report.manifest.quantization
+    assert (info["bits"], info["group_size"], info["symmetric"]) == (bits, group_size, symmetric)
+    assert info["scales_file"] == SCALES_NAME and (tmp_path / "pruned" / SCALES_NAME).exists()
+    found = read_grids(tmp_path / "pruned")
+    weights = linear_weights(tmp_path / "pruned", "opt")
+    assert set(found) == {f"{name}.weight" for name in weights}
+    for name, weight in weights.items():
+        grid = found[f"{name}.weight"]
+        w = weight.detach().numpy()
+        assert float((w == 0).mean()) >= 0.495, name  # pruned, plus kept weights that round to 0
+        assert grid.scales.shape == ((w.shape[0],) if bits == 8 else (w.shape[0], -(-w.shape[1] // group_size)))
+        assert (grid.zero_points is None) == symmetric
+        assert grids.on_grid(w, grid.scales, grid.zero_points, bits=bits, group_size=group_size), name
+        q = grids.quantize(w, grid.scales, grid.zero_points, bits=bits, group_size=group_size)
+        assert np.array_equal(grids.dequantize(q, grid.scales, grid.zero_points, group_size=group_size), w), name
+
+
+def test_plain_gptq_keeps_every_weight(tmp_path, calib_text):
+    from sparse_deploy.config import QuantSpec
+
+    source = make_tiny("opt", tmp_path / "dense")
+    report = prune(str(source), tmp_path / "q", config_for(calib_text, SparsitySpec.unstructured(0.0),
+                                                           quant=QuantSpec(4, 32)), progress=False)
+    assert report.manifest.totals["pruned_params"] == 0
+    assert report.manifest.quantization["bits"] == 4
+    assert all(0.0 < layer.rel_error < 0.2 for layer in report.manifest.layers), "4-bit rounding costs something"

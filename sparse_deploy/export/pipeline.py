@@ -162,10 +162,14 @@ def _convert(source, model: onnx.ModelProto, quantize: str, group_size: int = 32
               if manifest is not None and manifest.layer(param.split(" ")[0]) is not None}
     if quantize not in ("int8", "int4"):
         return _Converted(model, sources, frozenset(pruned), (), untied)
+    from sparse_deploy.formats.checkpoint import read_grids
+
+    solver = read_grids(source.folder, manifest)  # prune --bits: the solver's scales, by torch weight name
+    given = {name: solver[param.split(" ")[0]] for name, param in sources.items() if param.split(" ")[0] in solver}
     if quantize == "int8":
-        result, suffix = quantize_int8(model, untied), QUANT_SUFFIX
+        result, suffix = quantize_int8(model, untied, given), QUANT_SUFFIX
     else:
-        result, suffix = quantize_int4(model, untied, group_size), INT4_SUFFIX
+        result, suffix = quantize_int4(model, untied, group_size, given), INT4_SUFFIX
     sources |= {n + suffix: sources[n] for n in result.quantized if n in sources}
     pruned |= {n + suffix for n in result.quantized if n in pruned}
     return _Converted(result.model, sources, frozenset(pruned), result.quantized, untied)

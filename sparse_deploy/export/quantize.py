@@ -106,11 +106,15 @@ def prepare_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ..
     return untie_transposed(gemm_to_matmul(model))
 
 
-def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> QuantizeResult:
+def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), given: dict | None = None
+                  ) -> QuantizeResult:
     """7-bit symmetric per-output-channel weights (``grids.INT8_SCHEME``) for every MatMul with a constant 2-D
     float weight of a model that went through ``prepare_int8``, written as the graph ONNX Runtime's dynamic
     quantizer emits (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul), which it fuses into its integer
-    kernels. The same file is right on every x86 CPU: see ``sparse_deploy.grids`` for why 7 bits."""
+    kernels. The same file is right on every x86 CPU: see ``sparse_deploy.grids`` for why 7 bits.
+
+    ``given``: ONNX weight name -> ``checkpoint.WeightGrid`` of a checkpoint pruned with ``--bits 8``; those
+    weights keep the solver's scales (its integers, not a second rounding) after a check that they lie on them."""
     out = onnx.ModelProto()
     out.CopyFrom(prepared)
     graph = out.graph
@@ -131,7 +135,7 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     added = []
     for name in weights:
         B = numpy_helper.to_array(inits[name])  # [K, N]: MatMul's B, so output channels are its columns
-        scales = grids.int8_scales(B.T)  # [N]
+        scales = grids.int8_scales(B.T) if name not in (given or {}) else solver_scales(name, B.T, given[name], 8)
         q = grids.quantize(B.T, scales, bits=8).T  # [K, N] int8 in [-64, 64]
         added += [numpy_helper.from_array(np.ascontiguousarray(q), name + QUANT_SUFFIX),
                   numpy_helper.from_array(scales, name + "_scale"),
@@ -167,21 +171,50 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = ()) -> Qu
     return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
 
 
+def solver_scales(name: str, W: np.ndarray, grid, bits: int, group_size: int | None = None) -> np.ndarray:
+    """The scales the solver chose for W [N, K] (prune --bits; [N] for int8, [N, groups] for int4), after checking
+    that they are for this grid and every value of W lies on them: export writes the solver's integers."""
+    if grid.bits != bits:
+        raise ExportError(f"{name} was quantized to {grid.bits} bits by prune --bits {grid.bits}; export it with "
+                          f"--quantize int{grid.bits}")
+    if bits == 4 and grid.group_size != group_size:
+        raise ExportError(f"{name} was quantized in groups of {grid.group_size} by prune; export it with "
+                          f"--group-size {grid.group_size}")
+    if grid.zero_points is not None:
+        raise ExportError(f"{name} was quantized with zero points (prune --asymmetric); the int4 export writes the "
+                          f"symmetric grid only: prune with --symmetric")
+    scales = np.asarray(grid.scales, np.float32)
+    expected = (W.shape[0],) if bits == 8 else (W.shape[0], -(-W.shape[1] // group_size))
+    if scales.shape != expected:
+        raise ExportError(f"{name}: the checkpoint's int{bits} scales have shape {scales.shape}, expected {expected};"
+                          f" the scales file does not belong to these weights")
+    gs = None if bits == 8 else group_size
+    if not grids.on_grid(W, scales, bits=bits, group_size=gs):
+        back = grids.dequantize(grids.quantize(W, scales, bits=bits, group_size=gs), scales, group_size=gs)
+        step = np.abs(scales)[:, None] if bits == 8 else np.repeat(np.abs(scales), gs, axis=1)[:, : W.shape[1]]
+        worst = float(np.max(np.abs(W - back) / np.maximum(step, 1e-30)))
+        raise ExportError(f"{name}: weights are off the solver's int{bits} grid by up to {worst:.3g} of a step; "
+                          f"the checkpoint's weights were changed after prune --bits {bits}")
+    return scales
+
+
 INT4_SUFFIX = "_Q4"  # the packed 4-bit weight of MatMulNBits is named <float name> + this
 INT4_ACCURACY_LEVEL = 4  # int8 activations in the kernel (what onnxruntime-genai's model builder writes)
 
 
-def pack_int4(B: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_int4(B: np.ndarray, group_size: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MatMul's B [K, N] float32 -> MatMulNBits' (B_q uint8 [N, ceil(K / G), G / 2], scales float32 [N · ceil(K / G)]).
 
     Symmetric groups of G input columns per output channel (``grids.int4_scales``): nibble = q + 8 with q in
     [-8, 7] (the default zero point 8, so no zero_points input), two per byte, the lower index in the low nibble.
-    K is zero padded to whole groups; padded nibbles hold 8 (= 0.0) and the kernel ignores them."""
+    K is zero padded to whole groups; padded nibbles hold 8 (= 0.0) and the kernel ignores them. ``scales``
+    [N, blocks]: the solver's (prune --bits 4, checked by ``solver_scales``) instead of the grid's own."""
     if group_size % 2 or group_size < 16:
         raise ValueError(f"MatMulNBits needs an even block size of at least 16, got {group_size}")
     W = np.ascontiguousarray(B.T)  # [N, K]
     n, k = W.shape
-    scales, _ = grids.int4_scales(W, group_size)  # [N, blocks]
+    if scales is None:
+        scales, _ = grids.int4_scales(W, group_size)  # [N, blocks]
     blocks = scales.shape[1]
     nibbles = np.full((n, blocks * group_size), 8, np.uint8)
     nibbles[:, :k] = (grids.quantize(W, scales, bits=4, group_size=group_size).astype(np.int16) + 8).astype(np.uint8)
@@ -201,10 +234,12 @@ def unpack_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     return grids.dequantize(q, scales.reshape(n, blocks), group_size=half * 2).T
 
 
-def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group_size: int = 32) -> QuantizeResult:
+def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group_size: int = 32,
+                  given: dict | None = None) -> QuantizeResult:
     """4-bit symmetric weights in groups of ``group_size`` input columns for every MatMul with a constant 2-D float
     weight of a model that went through ``prepare_int8``: each becomes a ``com.microsoft`` MatMulNBits node (bits 4,
-    block_size = group_size, accuracy_level 4, no zero_points input: ONNX Runtime's default zero point 8)."""
+    block_size = group_size, accuracy_level 4, no zero_points input: ONNX Runtime's default zero point 8).
+    ``given``: as for ``quantize_int8``, the solver's grids of a checkpoint pruned with ``--bits 4``."""
     out = onnx.ModelProto()
     out.CopyFrom(prepared)
     graph = out.graph
@@ -224,7 +259,8 @@ def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group
     shapes, added = {}, []
     for name in weights:
         B = numpy_helper.to_array(inits[name])  # [K, N]
-        packed, scales = pack_int4(B, group_size)
+        solver = None if name not in (given or {}) else solver_scales(name, B.T, given[name], 4, group_size)
+        packed, scales = pack_int4(B, group_size, solver)
         shapes[name] = B.shape
         added += [numpy_helper.from_array(packed, name + INT4_SUFFIX),
                   numpy_helper.from_array(scales, name + "_scales")]

@@ -17,6 +17,17 @@ A pruned checkpoint is a plain ``save_pretrained`` folder (safetensors, zeros st
     }
 
 ``rel_error`` is ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² on the calibration inputs of that linear layer.
+
+With joint quantization (``prune --bits``) the stored weights are the dequantized grid values (so transformers
+loads the folder as usual) and the manifest gains
+
+      "quantization": {"bits": 4, "group_size": 128, "symmetric": true, "scheme": "int4-symmetric-per-group",
+                       "qmin": -8, "qmax": 7, "scales_file": "quant_scales.safetensors"}
+
+where ``quant_scales.safetensors`` holds, per quantized weight, ``<weight name>.scales`` (float32 [out] per output
+channel for int8, [out, ceil(in / group_size)] for int4) and, when asymmetric, ``<weight name>.zero_points``
+(uint8, same shape): every stored weight is (q - zero point)·scale for an integer q in [qmin, qmax], pruned ones
+0. ``export --quantize`` reads these scales, so it writes the solver's integers instead of rounding again.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from typing import Any
 from sparse_deploy.errors import InvalidInputError
 
 MANIFEST_NAME = "sparse_deploy.json"
+SCALES_NAME = "quant_scales.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -63,6 +75,7 @@ class Manifest:
     tool_version: str
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
 
     def layer(self, name: str) -> LayerRecord | None:
         return next((rec for rec in self.layers if rec.name == name or rec.weight_name == name), None)
@@ -93,3 +106,48 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         return Manifest(layers=layers, **data)
     except (ValueError, TypeError, KeyError) as exc:
         raise InvalidInputError(f"{path} is not a valid sparse-deploy manifest ({exc}); re-run prune") from exc
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """The grid of one quantized weight [out, in]: ``scales`` float32 ([out] for int8, [out, groups] for int4),
+    ``zero_points`` uint8 of the same shape or None (symmetric). ``group_size`` None means per output channel."""
+
+    bits: int
+    group_size: int | None
+    scales: Any
+    zero_points: Any = None
+
+
+def write_scales(folder: str | Path, tensors: dict[str, Any]) -> Path:
+    """The sidecar of solver scales (numpy arrays keyed ``<weight>.scales`` / ``<weight>.zero_points``)."""
+    from safetensors.numpy import save_file
+
+    path = Path(folder) / SCALES_NAME
+    save_file(tensors, str(path))
+    return path
+
+
+def read_grids(folder: str | Path, manifest: Manifest | None = None) -> dict[str, WeightGrid]:
+    """Weight name -> its grid, from a checkpoint pruned with ``--bits``; {} for any other folder."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    if manifest is None or not manifest.quantization:
+        return {}
+    info = manifest.quantization
+    path = Path(folder) / info.get("scales_file", SCALES_NAME)
+    if not path.exists():
+        raise InvalidInputError(f"{path} is missing: {Path(folder) / MANIFEST_NAME} records quantization with its "
+                                f"scales there; copy the whole checkpoint folder or re-run prune")
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"{path} cannot be read ({exc}); re-run prune") from exc
+    bits, group_size = int(info["bits"]), info.get("group_size")
+    return {
+        key.removesuffix(".scales"): WeightGrid(bits, group_size, value, tensors.get(key.removesuffix(".scales")
+                                                                                     + ".zero_points"))
+        for key, value in tensors.items() if key.endswith(".scales")
+    }

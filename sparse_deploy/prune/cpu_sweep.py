@@ -63,6 +63,92 @@ def sweep_block(W1, U1, mask1, n, m, row_chunk, err, loss):  # pragma: no cover 
                         _prune_and_update(W1, U1, r, g + j, err, loss)
 
 
+@numba.njit(inline="always")
+def _group_params(W1, r, g0, g1, bits, symmetric):  # pragma: no cover - compiled
+    """Scale and zero point of W1[r, g0:g1], as ``quant.group_params`` computes them."""
+    if bits == 8:
+        amax = np.float32(0.0)
+        for j in range(g0, g1):
+            a = abs(W1[r, j])
+            if a > amax:
+                amax = a
+        return amax / np.float32(64.0), np.float32(0.0)
+    if symmetric:  # the value of largest magnitude, first of equals, with its sign
+        best = g0
+        amax = abs(W1[r, g0])
+        for j in range(g0 + 1, g1):
+            a = abs(W1[r, j])
+            if a > amax:
+                amax = a
+                best = j
+        return W1[r, best] / np.float32(-8.0), np.float32(0.0)
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    for j in range(g0, g1):
+        lo = min(lo, W1[r, j])
+        hi = max(hi, W1[r, j])
+    s = (hi - lo) / np.float32(15.0)
+    safe = s if s > 0 else np.float32(1.0)
+    z = np.float32(min(max(np.rint(-lo / safe), np.float32(0.0)), np.float32(15.0)))
+    return s, z
+
+
+@numba.njit(inline="always")
+def _round_to_grid(v, s, z, qlo, qhi, symmetric):  # pragma: no cover - compiled
+    """(q - z)·s with q = clip(round(v / s) + z): the grid value ``quant.round_to_grid`` gives."""
+    safe = s if s != 0 else np.float32(1.0)
+    q = np.float32(np.rint(v / safe))
+    if not symmetric:
+        q = q + z
+    q = min(max(q, qlo), qhi)
+    if symmetric and s == 0:
+        q = np.float32(0.0)
+    return (q - z) * s
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def sweep_block_quant(W1, U1, mask1, n, m, row_chunk, err, loss, scales1, zeros1, qgroup, bits, symmetric,
+                      qlo, qhi):  # pragma: no cover - compiled
+    """``sweep_block`` with every kept weight rounded to its grid and its error spread like a pruning error
+    (section 3.5), so every column starts an update. scales1, zeros1 [rows, groups] float32: with ``qgroup`` 0,
+    column 0 holds the whole block's scale; otherwise group g's is fixed when the sweep reaches column g·qgroup,
+    from the row's weights as updated so far. qlo, qhi (float32): the grid's integer range."""
+    rows, count = W1.shape
+    nchunks = (rows + row_chunk - 1) // row_chunk
+    for c in numba.prange(nchunks):
+        r0 = c * row_chunk
+        r1 = min(rows, r0 + row_chunk)
+        scores = np.empty(max(m, 1), dtype=np.float32)
+        for r in range(r0, r1):
+            s = scales1[r, 0]
+            z = zeros1[r, 0]
+            for i in range(count):
+                if qgroup > 0 and i % qgroup == 0:
+                    g = i // qgroup
+                    s, z = _group_params(W1, r, i, min(i + qgroup, count), bits, symmetric)
+                    scales1[r, g] = s
+                    zeros1[r, g] = z
+                if n > 0 and i % m == 0:
+                    for j in range(m):
+                        v = W1[r, i + j]
+                        d = U1[i + j, i + j]
+                        scores[j] = (v * v) / (d * d)
+                    for _ in range(n):
+                        best = -1
+                        for j in range(m):
+                            if not mask1[r, i + j] and (best < 0 or scores[j] < scores[best]):
+                                best = j
+                        mask1[r, i + best] = True
+                v = W1[r, i]
+                q = np.float32(0.0) if mask1[r, i] else _round_to_grid(v, s, z, qlo, qhi, symmetric)
+                e = (v - q) / U1[i, i]
+                err[r, i] = e
+                loss[r] += (e * e) / np.float32(2.0)
+                for j in range(numba.uint64((i + 1) & ~31), numba.uint64(count)):
+                    W1[r, j] -= e * U1[i, j]
+                W1[r, i] = q
+
+
 @numba.njit(cache=True, nogil=True)
 def _bin_of_rank(hist, rank):  # pragma: no cover - compiled
     """The bin holding the rank-th (1-based) entry, and its rank inside that bin."""

@@ -33,6 +33,8 @@ class LinearReport:
     sparsity: float
     rel_error: float
     time_s: float
+    scales: torch.Tensor | None = None  # joint quantization: [out, groups] float32 (see PruneResult)
+    zero_points: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverC
     start = time.perf_counter()
     W = adapter.get_weight(linear).clone()  # [out, in]
     if config.method == "sparsegpt":
-        result: PruneResult = sparsify(W, H, config.spec, solver, name=name)
+        result: PruneResult = sparsify(W, H, config.spec, solver, name=name, quant=config.quant)
     elif config.method == "wanda":
         result = wanda(W, H, config.spec, name=name)
     else:
@@ -177,6 +179,8 @@ def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverC
         sparsity=float(result.mask.float().mean()),
         rel_error=max(error, 0.0) / reference if reference > 0 else 0.0,
         time_s=time.perf_counter() - start,
+        scales=None if result.scales is None else result.scales.cpu(),
+        zero_points=None if result.zero_points is None else result.zero_points.cpu(),
     )
 
 

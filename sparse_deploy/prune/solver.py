@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparse_deploy.config import SolverConfig, SparsitySpec
+from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
+from sparse_deploy.prune.quant import group_params, sweep_quant_torch
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,16 @@ class PruneResult:
     ``mask``: [rows, cols] bool, True where a weight was pruned.
     ``loss``: [rows] float32, the reconstruction loss ½·ΔwᵢHΔwᵢᵀ of each row (H as damped by the solver).
     ``damp``: the damping λ that was added to diag(H) (0 for methods that do not invert H).
+    ``scales``, ``zero_points``: with joint quantization, [rows, groups] float32 (groups = 1 per output channel
+    for int8); every kept weight is (q - zero point)·scale for an integer q in the grid's range. Else None.
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
     loss: torch.Tensor
     damp: float = 0.0
+    scales: torch.Tensor | None = None
+    zero_points: torch.Tensor | None = None
 
     @property
     def sparsity(self) -> float:
@@ -208,11 +213,13 @@ def sparsify(
     *,
     mask: torch.Tensor | None = None,
     name: str = "weight",
+    quant: QuantSpec | None = None,
 ) -> PruneResult:
     """Prune W [rows, cols] (torch layout out x in) given its input Hessian H [cols, cols].
 
     ``mask`` (optional, [rows, cols] bool, True = prune) fixes the mask instead of choosing it.
-    Inputs are not modified.
+    ``quant`` (optional): also round every kept weight to this grid inside the sweep (section 3.5); with
+    sparsity 0 this is GPTQ. Inputs are not modified.
     """
     check_problem(W, H, spec, mask, name)
     device = resolve_device(config.device)
@@ -225,6 +232,13 @@ def sparsify(
         raise ConfigError(f"blocksize {blocksize} must be a multiple of m={m} for pattern {spec}")
 
     rows, cols = W.shape
+    if quant is not None:
+        gs = quant.group_for(cols)
+        if gs < cols and blocksize % gs and gs % blocksize:
+            raise ConfigError(f"blocksize {blocksize} and group size {gs} must divide one another")
+        scales = torch.zeros((rows, -(-cols // gs)), dtype=torch.float32, device=device)
+        zeros = torch.zeros_like(scales)
+        in_sweep = gs < blocksize  # groups inside a block get their scales in the sweep; others at block start
     Wf = W.detach().to(device=device, dtype=torch.float32, copy=True)
     Hd = H.detach().to(device=device, copy=True)
     if not Hd.is_floating_point() or Hd.dtype in (torch.float16, torch.bfloat16):
@@ -262,7 +276,10 @@ def sparsify(
             else:
                 mask1 = _select_lowest((W1 * W1) / (d * d)[None, :], k)  # w²/[H⁻¹]_jj², [rows, B]
         err = torch.zeros_like(W1)  # (w - q)/[U]_ii per column, [rows, B]
-        if sweep == "numba":
+        if quant is not None:
+            _sweep_quant_block(W1, U1, mask1, n, m, err, loss, Wf, scales, zeros, i1, i2, gs, in_sweep, quant,
+                               sweep, config.row_chunk)
+        elif sweep == "numba":
             cpu_sweep.sweep_block(
                 W1.numpy(), U1.numpy(), mask1.numpy(), n, m, config.row_chunk, err.numpy(), loss.numpy()
             )
@@ -278,7 +295,37 @@ def sparsify(
         mask=full_mask.to(W.device),
         loss=loss.to(W.device),
         damp=damp,
+        scales=None if quant is None else scales.to(W.device),
+        zero_points=None if quant is None or quant.symmetric else zeros.to(W.device),
     )
+
+
+def _sweep_quant_block(W1, U1, mask1, n, m, err, loss, Wf, scales, zeros, i1, i2, gs, in_sweep, quant, sweep,
+                       row_chunk) -> None:
+    """One block of the joint sweep. A group that starts at the block's first column and reaches past it gets
+    its scale here, from the weights as updated so far (all earlier blocks' updates are applied); groups inside
+    the block get theirs in the sweep."""
+    if in_sweep:  # blocksize % gs == 0: the block holds whole groups (the last one maybe cut by cols)
+        g0, g1, qgroup = i1 // gs, -(-i2 // gs), gs
+        s1 = torch.zeros((W1.shape[0], g1 - g0), dtype=torch.float32, device=W1.device)
+        z1 = torch.zeros_like(s1)
+    else:  # gs % blocksize == 0, or one group per row: the block lies inside one group
+        g0, g1, qgroup = i1 // gs, i1 // gs + 1, 0
+        if i1 % gs == 0:
+            scales[:, g0], zeros[:, g0] = group_params(Wf[:, i1 : i1 + gs], quant)
+        s1 = scales[:, g0:g1].contiguous()
+        z1 = zeros[:, g0:g1].contiguous()
+    if sweep == "numba":
+        from sparse_deploy.prune import cpu_sweep
+
+        lo, hi = quant.qrange
+        cpu_sweep.sweep_block_quant(W1.numpy(), U1.numpy(), mask1.numpy(), n, m, row_chunk, err.numpy(),
+                                    loss.numpy(), s1.numpy(), z1.numpy(), qgroup, quant.bits, quant.symmetric,
+                                    np.float32(lo), np.float32(hi))
+    else:
+        sweep_quant_torch(W1, U1, mask1, n, m, err, loss, s1, z1, qgroup, quant)
+    scales[:, g0:g1] = s1
+    zeros[:, g0:g1] = z1
 
 
 def _round(x: float) -> int:

@@ -24,7 +24,7 @@ from sparse_deploy.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
 from sparse_deploy.export.torch_export import DECODER_TASK, ENCODER_TASK, export_graph
-from sparse_deploy.hf import check_finite_weights, remote_code_refused
+from sparse_deploy.hf import check_finite_weights, no_loading_bars, remote_code_refused
 
 MODEL_FILE = "model.onnx"
 
@@ -127,8 +127,8 @@ def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceMo
     task = choose_task(config)
     loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
     try:
-        with quiet_libraries():
-            model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
+        with quiet_libraries(), no_loading_bars():
+            model = loader.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         raise remote_code_refused(folder, exc) or ModelLoadError(
@@ -151,12 +151,19 @@ def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> onnx.Mo
         with quiet_libraries(), _stderr_discarded(), torch.no_grad():  # torch.export reports at length on failures
             model = export_graph(source.model, source.decoder, opset)
     except Exception as exc:  # torch.export and the ONNX translation raise many types; report them as one
-        raise ExportError(f"the ONNX export of {source.architecture} failed: {first_line(exc)}") from exc
+        raise ExportError(f"the ONNX export of {source.architecture} failed: {_root_cause(exc)}") from exc
     source.model.config.save_pretrained(folder)
     generation = getattr(source.model, "generation_config", None)
     if source.decoder and generation is not None:
         generation.save_pretrained(folder)
     return model
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost chained exception: torch.onnx wraps the real error in a page of advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _digest(data: bytes) -> str:

@@ -9,29 +9,15 @@ of size 0 and 1 into the graph.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
+from sparse_deploy.hf import accepts_argument, cache_keyword, returned_cache
+
 DECODER_TASK = "text-generation-with-past"
 ENCODER_TASK = "feature-extraction"
 _BATCH, _NEW, _PAST = 2, 3, 4  # example sizes: distinct and >= 2, so no dimension is specialised
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The forward keyword for the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
-
-
-def returned_cache(output: Any) -> Any:
-    """The cache a forward returned, under either name."""
-    cache = output.get("cache") if "cache" in output else None
-    return cache if cache is not None else output.get("past_key_values")
 
 
 def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -39,13 +25,12 @@ def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a decoder's cache, from its config."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers, kv_heads, head_dim
+def cache_layout(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) per layer, read off the cache of a 2-token forward (configs name these many ways)."""
+    ids = torch.zeros((1, 2), dtype=torch.int64)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    return [(key.shape[1], key.shape[3]) for key, _ in cache_pairs(returned_cache(out))]
 
 
 class DecoderGraph(torch.nn.Module):
@@ -81,7 +66,7 @@ class EncoderGraph(torch.nn.Module):
 
 
 def _uses_token_types(model: torch.nn.Module) -> bool:
-    return _accepts(model, "token_type_ids") and (getattr(model.config, "type_vocab_size", 0) or 0) > 1
+    return accepts_argument(model, "token_type_ids") and (getattr(model.config, "type_vocab_size", 0) or 0) > 1
 
 
 def graph_and_inputs(model: torch.nn.Module, decoder: bool):
@@ -96,10 +81,11 @@ def graph_and_inputs(model: torch.nn.Module, decoder: bool):
         args = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) == 3 else ())
         shapes = ({0: batch, 1: new}, {0: batch, 1: new}, tuple({0: batch, 1: new} for _ in names[2:]))
         return EncoderGraph(model), args, shapes, names, ["last_hidden_state"]
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    with_positions = _accepts(model, "position_ids")
+    layout = cache_layout(model)
+    layers = len(layout)
+    with_positions = accepts_argument(model, "position_ids")
     dtype = next(model.parameters()).dtype
-    cache = [torch.randn(_BATCH, kv_heads, _PAST, head_dim, dtype=dtype) for _ in range(2 * layers)]
+    cache = [torch.randn(_BATCH, heads, _PAST, dim, dtype=dtype) for heads, dim in layout for _ in "kv"]
     args = (ids, torch.ones(_BATCH, _PAST + _NEW, dtype=torch.int64))
     names = ["input_ids", "attention_mask"]
     rest, rest_shapes = [], []  # forward's *rest: one nested tuple of shapes

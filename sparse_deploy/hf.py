@@ -128,6 +128,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     except (OSError, ValueError, KeyError) as exc:
         raise remote_code_refused(source, exc) or ModelLoadError(
             f"could not load a tokenizer from {source}: {first_line(exc)}") from None
+    if has_no_vocabulary(tokenizer):
+        raise ModelLoadError(f"{source} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json, ...); copy the "
+                             f"original model's tokenizer into it")
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
     return tokenizer
 
@@ -145,6 +148,11 @@ def returned_cache(output):
     """The KV cache a forward returned, under either name."""
     cache = output.get("cache")
     return cache if cache is not None else output.get("past_key_values")
+
+
+def has_no_vocabulary(tokenizer) -> bool:
+    """True for the tokenizer transformers 5 builds from a folder without tokenizer files: special tokens only."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
 
 
 def max_context(config) -> int | None:

@@ -154,8 +154,8 @@ def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> onnx.Mo
         raise ExportError(f"the ONNX export of {source.architecture} failed: {_root_cause(exc)}") from exc
     got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:  # torch.onnx keeps its own opset when it cannot convert down
-        raise ExportError(f"opset {opset} was asked for but the exporter could only write opset {got} for "
-                          f"{source.architecture}; pass --opset {got} or newer, or leave it out")
+        raise ExportError(f"the exporter could not convert {source.architecture} down to opset {opset} (it writes "
+                          f"{got}); pass a newer --opset or leave it out")
     source.model.config.save_pretrained(folder)
     generation = getattr(source.model, "generation_config", None)
     if source.decoder and generation is not None:

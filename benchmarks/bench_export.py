@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and exports (default: temp)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    print(machine_info(("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime")).describe())
+    print(machine_info(("torch", "transformers", "onnxscript", "onnx", "onnxruntime")).describe())
     print(HEADER)
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         rows = run(args.sparsities.split(","), args.repeat, args.work or Path(tmp))

@@ -16,7 +16,8 @@ Variants, each exported by ``sparse_deploy.export`` from the same magnitude-prun
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
 ``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
 (MatMulNBits), and the checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the
-same greedy decode driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and by optimum's ``ORTModelForCausalLM``.
+same greedy decode driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and (when optimum is
+installed, which sparse-deploy no longer needs) by optimum's ``ORTModelForCausalLM``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def wrapper_overhead(folder: Path, steps: int, threads: int | None) -> dict[str,
     """Median milliseconds per decode step (prompt of 16 tokens, then ``steps`` tokens) for three drivers."""
     import onnxruntime as ort
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
 
     from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig
 
@@ -83,11 +83,18 @@ def wrapper_overhead(folder: Path, steps: int, threads: int | None) -> dict[str,
         runner.greedy(prompt, steps + 1, stop_at_eos=False, on_step=lambda i, s: times.append(s) if i else None)
         return times
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    optimum_model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False,
-                                                        session_options=options)
+    drivers = [("bare_ms", bare), ("sparse_deploy_ms", ours)]
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:  # optimum is not a dependency any more
+        ORTModelForCausalLM = None
+    if ORTModelForCausalLM is not None:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        optimum_model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False,
+                                                            session_options=options)
+        drivers.append(("optimum_ms", lambda: optimum()))
 
     def optimum() -> list[float]:
         start = time.perf_counter()
@@ -99,7 +106,7 @@ def wrapper_overhead(folder: Path, steps: int, threads: int | None) -> dict[str,
         return [(time.perf_counter() - start - prefill) / steps]
 
     result = {}
-    for name, fn in (("bare_ms", bare), ("sparse_deploy_ms", ours), ("optimum_ms", optimum)):
+    for name, fn in drivers:
         fn()  # warm-up
         result[name] = float(np.median([t for _ in range(3) for t in fn()]) * 1e3)
     return result
@@ -232,8 +239,9 @@ def main() -> None:
               f"{r.prefill_ms.p50_ms:10.1f} {r.decode_ms.p50_ms:10.2f} {r.decode_ms.p90_ms:7.2f} "
               f"{r.decode_ms.p99_ms:7.2f} {r.tokens_per_s:7.1f} {speed:15.2f}x")
     print(f"\nper-token decode, dense fp32, 32 steps after a 16-token prompt: bare loop {overhead['bare_ms']:.2f} ms, "
-          f"sparse-deploy runner {overhead['sparse_deploy_ms']:.2f} ms, optimum ORTModelForCausalLM "
-          f"{overhead['optimum_ms']:.2f} ms")
+          f"sparse-deploy runner {overhead['sparse_deploy_ms']:.2f} ms" + (
+              f", optimum ORTModelForCausalLM {overhead['optimum_ms']:.2f} ms" if "optimum_ms" in overhead else
+              " (optimum not installed)"))
     if args.json:
         args.json.write_text(json.dumps({"config": asdict(config), "rows": rows, "wrapper_overhead": overhead},
                                         indent=1) + "\n")

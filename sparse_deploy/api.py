@@ -18,7 +18,9 @@ from sparse_deploy.data.perplexity import Perplexity, perplexity
 from sparse_deploy.data.similarity import embed, mean_cosine, sentences_of
 from sparse_deploy.data.text import load_text
 from sparse_deploy.errors import ConfigError, NonFiniteError
-from sparse_deploy.hf import copy_side_files, load_model, load_tokenizer, max_context, resolve_source
+from sparse_deploy.hf import (
+    copy_side_files, load_model, load_tokenizer, max_context, no_loading_bars, resolve_source,
+)
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes
 from sparse_deploy.prune.sequential import prune_sequential
@@ -98,7 +100,8 @@ def prune(model: str | Path, output: str | Path, config: PruneConfig = PruneConf
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
     with staged_output(output, force, inputs=[model]) as stage:
         report = prune_sequential(net, adapter, windows, config, progress=progress)
-        net.save_pretrained(stage, safe_serialization=True)
+        with no_loading_bars():  # transformers 5 draws a bar for writing the shards
+            net.save_pretrained(stage)  # safetensors, the default
         tokenizer.save_pretrained(stage)
         copy_side_files(source, stage, config.trust_remote_code)
         pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in report.linears)

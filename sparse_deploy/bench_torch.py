@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sparse_deploy.errors import SparseDeployError
-from sparse_deploy.hf import load_model, load_tokenizer, resolve_source
+from sparse_deploy.hf import cache_keyword, load_model, load_tokenizer, resolve_source, returned_cache
 from sparse_deploy.inspection import weight_files
 from sparse_deploy.machine import peak_rss_bytes
 from sparse_deploy.runtime.bench import (
@@ -51,14 +51,16 @@ def measure_torch(folder: str | Path, config: BenchConfig) -> ModelBench:
                           sentences_per_s_batch32=b32, **common)
     prompt = torch.from_numpy(synthetic_prompt(model.config.vocab_size, config.batch, config.prompt_len))
 
+    keyword = cache_keyword(model)  # "cache" from transformers 5.24, "past_key_values" before
+
     def generate(on_step) -> None:
         past, ids, mask = None, prompt, torch.ones_like(prompt)
         for step in range(config.new_tokens):
             begin = time.perf_counter()
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{keyword: past})
             ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
             on_step(step, time.perf_counter() - begin)
-            past = out.past_key_values
+            past = returned_cache(out)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
 
     prefill, decode = _decoder_timings(generate, config)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
 import re
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -69,6 +72,20 @@ def remote_code_refused(source: str | Path, exc: BaseException) -> ModelLoadErro
                           f"it only with --trust-remote-code, so read that code first and pass the flag if you trust it")
 
 
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Keep transformers' progress bars (5.x draws one for every weight load) off stdout for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -88,9 +105,10 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
     adapter = adapter_for(getattr(config, "model_type", "unknown"))
     auto = AutoModelForCausalLM if adapter.kind == "decoder" else AutoModel
     try:
-        model = auto.from_pretrained(
-            source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
-        )
+        with no_loading_bars():
+            model = auto.from_pretrained(
+                source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
         raise remote_code_refused(source, exc) or ModelLoadError(
             f"could not load the weights of {source}: {first_line(exc)}") from None
@@ -110,8 +128,31 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     except (OSError, ValueError, KeyError) as exc:
         raise remote_code_refused(source, exc) or ModelLoadError(
             f"could not load a tokenizer from {source}: {first_line(exc)}") from None
+    if has_no_vocabulary(tokenizer):
+        raise ModelLoadError(f"{source} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json, ...); copy the "
+                             f"original model's tokenizer into it")
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
     return tokenizer
+
+
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if accepts_argument(model, "cache") else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
+
+
+def has_no_vocabulary(tokenizer) -> bool:
+    """True for the tokenizer transformers 5 builds from a folder without tokenizer files: special tokens only."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
 
 
 def max_context(config) -> int | None:

@@ -114,3 +114,16 @@ def test_perplexity_protocol_on_models_with_known_answers():
     assert uniform.perplexity == pytest.approx(50.0, rel=1e-5)
     bigram = perplexity(_Bigram(50, 0.9), ids, 64)
     assert bigram.perplexity == pytest.approx(math.exp(-math.log(0.9)), rel=1e-5)
+
+
+def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_vocabulary(tmp_path):
+    from transformers import BertConfig
+
+    from sparse_deploy.errors import ModelLoadError
+    from sparse_deploy.export.validate import validation_ids
+    from sparse_deploy.hf import load_tokenizer
+
+    BertConfig(vocab_size=100).save_pretrained(tmp_path)  # transformers 5 builds a specials-only BertTokenizer here
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+    assert validation_ids(tmp_path, None, 8, 100, 128)[1] == "random ids (no tokenizer)"

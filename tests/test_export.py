@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers
 from onnx import numpy_helper
 
 from conftest import shared_path
@@ -97,6 +98,8 @@ def test_packed_export_matches_torch_and_passes_the_full_check(kind, checkpoints
     saved = json.loads((out / REPORT_NAME).read_text())
     assert saved["totals"]["encoded_stored_bytes"] == report.stored_bytes
     assert saved["parity"]["passed"] and saved["files"]["model.onnx"] == model_path.stat().st_size
+    assert saved["versions"]["transformers"] == transformers.__version__ and saved["versions"]["torch"] == \
+        torch.__version__ and saved["versions"]["onnx"] == onnx.__version__ and saved["versions"]["onnxscript"]
 
     model = onnx.load(str(model_path))
     names = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}

@@ -15,9 +15,11 @@ from sparse_deploy.errors import CalibrationError
 def calibration_windows(tokenizer, config: CalibrationConfig, seqlen: int, encoder: bool = False) -> torch.Tensor:
     """Token ids [nsamples, seqlen]. For encoders each window is wrapped in the tokenizer's special tokens
     ([CLS] ... [SEP]) so the model sees inputs shaped like its real ones."""
-    inner = seqlen - 2 if encoder else seqlen
+    prefix, suffix = special_tokens_around(tokenizer) if encoder else ([], [])
+    inner = seqlen - len(prefix) - len(suffix)
     if inner < 1:
-        raise CalibrationError(f"seqlen {seqlen} is too short for an encoder window; use at least 3")
+        raise CalibrationError(f"seqlen {seqlen} is too short for an encoder window; use at least "
+                               f"{len(prefix) + len(suffix) + 1}")
     rng = random.Random(config.seed)
     if config.source == "c4":
         windows = _windows_from_documents(load_documents("c4", "train"), tokenizer, config.nsamples, inner, rng)
@@ -31,9 +33,19 @@ def calibration_windows(tokenizer, config: CalibrationConfig, seqlen: int, encod
         starts = [rng.randint(0, ids.numel() - inner - 1) for _ in range(config.nsamples)]
         windows = torch.stack([ids[s : s + inner] for s in starts])
     if encoder:
-        wrapped = [tokenizer.build_inputs_with_special_tokens(w.tolist()) for w in windows]
-        windows = torch.tensor(wrapped, dtype=torch.long)
+        windows = torch.tensor([prefix + w.tolist() + suffix for w in windows], dtype=torch.long)
     return windows
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a single sequence ([CLS] and [SEP] for BERT),
+    read off an encoded word (transformers 5 tokenizers have no build_inputs_with_special_tokens)."""
+    plain = tokenizer("the", add_special_tokens=False)["input_ids"]
+    full = tokenizer("the", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise CalibrationError("the tokenizer's special tokens could not be told apart from the text's tokens")
 
 
 def tokenize(tokenizer, text: str, special: bool = True) -> torch.Tensor:

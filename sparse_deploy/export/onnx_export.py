@@ -1,9 +1,8 @@
-"""Reading a checkpoint folder and exporting it to ONNX with optimum-onnx.
+"""Reading a checkpoint folder and exporting it to ONNX with the project's own ``torch.onnx`` exporter.
 
-Decoders (``*ForCausalLM`` / ``*LMHeadModel``) are exported for ``text-generation-with-past`` (a single graph with
-``past_key_values.*`` inputs and ``present.*`` outputs); other architectures optimum knows for
-``feature-extraction`` (BERT-like encoders) give ``last_hidden_state``. optimum deduplicates tied weights when
-``accelerate`` is installed, so a tied LM head reads the embedding through a Transpose instead of a second copy.
+Decoders (``kind="decoder"`` in their adapter, or ``*ForCausalLM`` / ``*LMHeadModel`` for unregistered types) are
+exported for ``text-generation-with-past`` (a single graph with ``past_key_values.*`` inputs and ``present.*``
+outputs); encoders (BERT-like) for ``feature-extraction``, giving ``last_hidden_state``. See ``torch_export``.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ import onnx
 from sparse_deploy.formats.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
-from sparse_deploy.hf import check_finite_weights, remote_code_refused
+from sparse_deploy.export.torch_export import DECODER_TASK, ENCODER_TASK, export_graph
+from sparse_deploy.hf import check_finite_weights, no_loading_bars, remote_code_refused
 
-DECODER_TASK = "text-generation-with-past"
-ENCODER_TASK = "feature-extraction"
 MODEL_FILE = "model.onnx"
 
 
@@ -51,7 +49,8 @@ class SourceModel:
 def quiet_libraries() -> Iterator[None]:
     """Silence the exporters' warnings and info logs (onnxruntime.quantization logs to the root logger) for the
     duration; the levels are restored afterwards."""
-    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "torch.onnx", None)]
+    loggers = [logging.getLogger(name) for name in ("transformers", "torch.onnx", "torch.export", "torch._dynamo",
+                                                    "onnxscript", None)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -80,28 +79,24 @@ def _stderr_discarded() -> Iterator[None]:
 
 
 def choose_task(config: Any) -> str:
-    """text-generation-with-past for causal LMs, feature-extraction for encoders; UnsupportedModelError otherwise."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
-    from optimum.exporters.tasks import TasksManager
+    """text-generation-with-past for decoders, feature-extraction for encoders; UnsupportedModelError otherwise.
+
+    A registered architecture's adapter decides; for other types, a causal-LM architecture name makes a decoder and a
+    model that is neither causal nor encoder-decoder an encoder."""
+    from sparse_deploy.adapters import REGISTRY
 
     model_type = config.model_type
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} has no ONNX export in optimum-onnx; export a supported architecture "
-            f"(OPT, GPT-2, Llama, BERT, ...)"
-        ) from None
     architectures = tuple(config.architectures or ())
+    adapter = REGISTRY.get(model_type)
+    if adapter is not None:
+        return DECODER_TASK if adapter.kind == "decoder" else ENCODER_TASK
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if causal and DECODER_TASK in tasks:
-        return DECODER_TASK
-    if not getattr(config, "is_encoder_decoder", False) and not causal and ENCODER_TASK in tasks:
-        return ENCODER_TASK
-    raise UnsupportedModelError(
-        f"{model_type} ({', '.join(architectures) or 'no architecture'}) is neither a causal LM with a KV-cache "
-        f"export nor an encoder; sparse-deploy exports decoder-only and encoder-only models"
-    )
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{model_type} ({', '.join(architectures) or 'no architecture'}) is an encoder-decoder model; "
+            f"sparse-deploy exports decoder-only and encoder-only models"
+        )
+    return DECODER_TASK if causal else ENCODER_TASK
 
 
 def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceModel:
@@ -132,36 +127,47 @@ def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceMo
     task = choose_task(config)
     loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
     try:
-        with quiet_libraries():
-            model = loader.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
+        with quiet_libraries(), no_loading_bars():
+            model = loader.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         raise remote_code_refused(folder, exc) or ModelLoadError(
             f"the weights in {folder} could not be loaded: {first_line(exc)}") from None
     check_finite_weights(model.named_parameters(), folder)
     model.eval()
-    model.config._name_or_path = str(folder)  # keeps optimum's preprocessor lookup local
     architecture = (config.architectures or [type(model).__name__])[0]
     return SourceModel(folder, model, task, config.model_type, architecture, manifest)
 
 
-def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> Path:
-    """Run optimum's exporter into ``folder`` (no validation: validate.py does it); returns model.onnx."""
-    from optimum.exporters.onnx import onnx_export_from_model
+def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> onnx.ModelProto:
+    """Export ``source`` to an in-memory ONNX model (no validation: validate.py does it), and write its config and
+    generation config into ``folder``."""
+    import torch
 
     if opset is not None and opset > onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        with quiet_libraries(), _stderr_discarded():  # torch.onnx prints the whole TorchScript graph on failures
-            onnx_export_from_model(
-                source.model, folder, task=source.task, opset=opset, do_validation=False, device="cpu"
-            )
-    except Exception as exc:  # optimum and torch.onnx raise many types; report them as one
-        raise ExportError(f"the ONNX export of {source.architecture} failed: {first_line(exc)}") from exc
-    path = folder / MODEL_FILE
-    if not path.is_file():
-        raise ExportError(f"the exporter wrote no {MODEL_FILE} into {folder}")
-    return path
+        with quiet_libraries(), _stderr_discarded(), torch.no_grad():  # torch.export reports at length on failures
+            model = export_graph(source.model, source.decoder, opset)
+    except Exception as exc:  # torch.export and the ONNX translation raise many types; report them as one
+        raise ExportError(f"the ONNX export of {source.architecture} failed: {_root_cause(exc)}") from exc
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:  # torch.onnx keeps its own opset when it cannot convert down
+        raise ExportError(f"the exporter could not convert {source.architecture} down to opset {opset} (it writes "
+                          f"{got}); pass a newer --opset or leave it out")
+    source.model.config.save_pretrained(folder)
+    generation = getattr(source.model, "generation_config", None)
+    if source.decoder and generation is not None:
+        generation.save_pretrained(folder)
+    return model
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost chained exception: torch.onnx wraps the real error in a page of advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _digest(data: bytes) -> str:

@@ -126,7 +126,7 @@ class ExportReport:
             "warnings": list(self.warnings),
             "time_s": round(self.time_s, 3),
             "versions": {name: package_version(name) for name in
-                         ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")},
+                         ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")},
         }
 
 
@@ -247,7 +247,7 @@ def export(
         with staged_output(output, force, inputs=[checkpoint]) as stage:
             raw = stage / ".raw"
             step(1)
-            exported = onnx.load(str(export_onnx(source, raw, config.opset)))
+            exported = export_onnx(source, raw, config.opset)
             step(2)
             converted = _convert(source, exported, config.quantize, config.group_size)
             del exported

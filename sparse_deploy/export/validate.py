@@ -61,7 +61,11 @@ def validation_ids(folder: Path, text: str | None, tokens: int, vocab_size: int,
     try:
         from transformers import AutoTokenizer
 
+        from sparse_deploy.hf import has_no_vocabulary
+
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        if has_no_vocabulary(tokenizer):  # transformers 5 builds one from a folder without tokenizer files
+            tokenizer = None
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     if tokenizer is not None:

@@ -60,6 +60,12 @@ void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, cons
 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
                         const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
                         float* y, int64_t ldy);
+// The AVX-512 path's kernels for many rows of X (prefill); sparse_*_avx512 call them from kPrefillMinRows rows on.
+void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                               const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);
+void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                                const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
+                                int64_t n1, float* y, int64_t ldy);
 
 // The instruction-set paths; cpu_supports() asks the running CPU.
 enum class Isa { portable, avx2, avx512 };

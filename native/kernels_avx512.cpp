@@ -8,6 +8,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -186,6 +188,35 @@ constexpr int64_t kPrefillMinRows = 16;  // from this many rows of X: the decode
 constexpr int64_t kMTile = 4;  // rows of X per expanded weight vector
 
 }  // namespace
+
+// quantize_rows of kernels_portable.cpp, 16 lanes at a time: the same IEEE division, round half to even and clamp,
+// so the same int8 (max ignores NaN as fmax does; a NaN x gives -127 as there).
+SD_AVX512 void quantize_rows_avx512(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale) {
+  const int64_t ldq = quantized_stride_for(k);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const float* xr = x + m * k;
+    int8_t* qr = xq + m * ldq;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 in = i + 16 <= k ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+      amax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(in, xr + i)), amax);
+    }
+    const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+    x_scale[m] = s;
+    if (s == 0.0f || !std::isfinite(s)) {
+      std::memset(qr, 0, static_cast<size_t>(ldq));
+      continue;
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t i = 0; i < ldq; i += 16) {  // zeros beyond K
+      const __mmask16 in = i + 16 <= k ? __mmask16(0xFFFF) : i < k ? __mmask16((1u << (k - i)) - 1) : __mmask16(0);
+      __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, xr + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+  }
+}
 
 SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                                  const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {

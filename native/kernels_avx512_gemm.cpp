@@ -33,6 +33,10 @@ constexpr int kNV = 3;                 // 16-lane vectors across a panel
 constexpr int kPanel = 16 * kNV;       // rows of W decoded together
 constexpr int kMR = 8;                 // rows of X per register tile
 constexpr int64_t kKBlock = 256;       // fp32: columns of K per packed panel (48 KiB)
+// Software prefetch distance into each row's value stream. fp32 visits a row for one K block per pass over all
+// panels, too far apart for the hardware prefetchers: this fetches the row's next block while the pass runs
+// (4096x4096, M = 128, the decode alone: 10 -> 5 ms). int8 streams 16 rows at once.
+constexpr int kPrefetchBytes = 1024;
 
 template <typename V>
 SD_AVX512 inline V opaque(V v) {  // keeps GCC from folding load + expand into the slow memory form
@@ -76,6 +80,7 @@ inline __mmask16 lanes(int64_t rows, int v) {
 template <bool Fast>
 SD_AVX512 void decode_f32(const uint8_t* const* mask, const float** cur, int64_t rows, int64_t c0, int64_t c1,
                           float* dst) {
+  for (int64_t i = 0; i < rows; ++i) _mm_prefetch(reinterpret_cast<const char*>(mask[i]) + 2 * c1, _MM_HINT_T0);  // the next K block
   for (int64_t c = c0; c < c1; ++c) {
     __m512i r[16];
     SD_UNROLL for (int i = 0; i < 16; ++i) {
@@ -88,6 +93,7 @@ SD_AVX512 void decode_f32(const uint8_t* const* mask, const float** cur, int64_t
                             : _mm512_maskz_expandloadu_ps(b, cur[i]);
       r[i] = _mm512_castps_si512(e);
       cur[i] += _mm_popcnt_u32(b);
+      _mm_prefetch(reinterpret_cast<const char*>(cur[i]) + kPrefetchBytes, _MM_HINT_T0);
     }
     transpose16(r);
     float* out = dst + (c - c0) * 16 * kPanel;
@@ -151,6 +157,7 @@ SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64
       r[i] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(cur[i])))
                   : _mm512_maskz_expandloadu_epi8(b, cur[i]);
       cur[i] += _mm_popcnt_u64(b);
+      _mm_prefetch(reinterpret_cast<const char*>(cur[i]) + kPrefetchBytes, _MM_HINT_T0);
     }
     transpose16(r);
     int32_t* out = dst + c * 16 * kPanel;
@@ -220,8 +227,9 @@ SD_AVX512 void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const S
   for (int64_t n = n0; n < n1; ++n) {
     cursor[n - n0] = values + w.row_ptr[n];
     mask[n - n0] = w.mask + n * w.mask_stride;
-    for (int64_t m = 0; m < m_rows; ++m) y[m * ldy + n] = bias ? bias[n] : 0.0f;
   }
+  for (int64_t m = 0; m < m_rows; ++m)  // row by row: a column walk touches a page per row of Y
+    for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] = bias ? bias[n] : 0.0f;
   std::vector<float> panel(static_cast<size_t>(kKBlock * kPanel));
   for (int64_t k0 = 0; k0 < w.k; k0 += kKBlock) {
     const int64_t kc = std::min(kKBlock, w.k - k0);
@@ -235,8 +243,11 @@ SD_AVX512 void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const S
         else
           decode_f32<false>(&mask[r0], &cursor[r0], rv, c0, c1, panel.data() + 16 * v);
       }
-      const __mmask16 cols[kNV] = {lanes(rows, 0), lanes(rows, 1), lanes(rows, 2)};
+      __mmask16 cols[kNV];
+      for (int v = 0; v < kNV; ++v) cols[v] = lanes(rows, v);
+#ifndef SD_NO_GEMM
       f32_tiles(x + k0, m_rows, w.k, panel.data(), kc, y + nb, ldy, cols);
+#endif
     }
   }
 }
@@ -269,7 +280,8 @@ SD_AVX512 void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale
       else
         decode_int8<false>(mask, cur, rv, ldq / 64, panel.data() + 16 * v, &corr[v]);
     }
-    const __mmask16 cols[kNV] = {lanes(rows, 0), lanes(rows, 1), lanes(rows, 2)};
+    __mmask16 cols[kNV];
+    for (int v = 0; v < kNV; ++v) cols[v] = lanes(rows, v);
     int8_tiles(xu.data(), m_rows, ldq, panel.data(), corr, x_scale, w_scale + nb, bias ? bias + nb : nullptr,
                y + nb, ldy, cols);
   }

@@ -173,7 +173,7 @@ class SparseKernel {
     if (int8_) {
       xq.resize(static_cast<size_t>(m_rows * quantized_stride_for(k)));
       x_scale.resize(static_cast<size_t>(m_rows));
-      quantize_rows(t.x, m_rows, k, xq.data(), x_scale.data());
+      t.kernels.quantize(t.x, m_rows, k, xq.data(), x_scale.data());
       t.xq = xq.data();
       t.x_scale = x_scale.data();
       t.values = values.GetTensorData<int8_t>();

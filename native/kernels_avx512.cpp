@@ -120,44 +120,41 @@ SD_AVX512 void f32_block(const float* x, const SparseRows& w, const float* value
 
 // ---- int8 ----
 
-// x is quantized int8; vpdpbusd multiplies unsigned by signed bytes, so it takes u = q + 128 and the row's
-// sum of 128 * w is subtracted: sum(q * w) = sum(u * w) - 128 * sum(w), every step exact in int32.
+// vpdpbusd multiplies unsigned by signed bytes: the expanded weights are offset to u = w + 128 (one vpxor; the
+// dropped positions become 128) and x stays signed, so sum(u * q) = sum(w * q) + 128 * sum(q) over all of the
+// zero-padded row of x, subtracted once per row of x (xsum = 128 * sum(q)); every step exact in int32.
 template <int R, int MT, bool Fast>
 SD_AVX512 inline void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask,
-                                const int8_t* const* values, int32_t* out /* [MT][R] */) {
+                                const int8_t* const* values, const int32_t* xsum, int32_t* out /* [MT][R] */) {
   const int8_t* vals[R];  // local, so the pointer chains stay in registers
   SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m512i acc[MT][R];
-  __m512i corr[R];
-  SD_UNROLL for (int r = 0; r < R; ++r) {
-    corr[r] = _mm512_setzero_si512();
-    SD_UNROLL for (int m = 0; m < MT; ++m) acc[m][r] = _mm512_setzero_si512();
-  }
-  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t words = (k + 63) / 64;
   for (int64_t wi = 0; wi < words; ++wi) {
-    __m512i wv[R];
+    __m512i wu[R];
     SD_UNROLL for (int r = 0; r < R; ++r) {
       const uint64_t b = reinterpret_cast<const uint64_t*>(mask[r])[wi];
-      wv[r] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r]))) : _mm512_maskz_expandloadu_epi8(b, vals[r]);
+      const __m512i wv = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r])))
+                              : _mm512_maskz_expandloadu_epi8(b, vals[r]);
+      wu[r] = _mm512_xor_si512(wv, u128);
       vals[r] += _mm_popcnt_u64(b);
       _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytesInt8, _MM_HINT_T0);
-      corr[r] = _mm512_dpbusd_epi32(corr[r], bias128, wv[r]);
     }
     SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(xq + m * ldq + wi * 64), bias128);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xu, wv[r]);
+      const __m512i xv = _mm512_loadu_si512(xq + m * ldq + wi * 64);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wu[r], xv);
     }
   }
-  SD_UNROLL for (int r = 0; r < R; ++r) {
-    const int32_t c = _mm512_reduce_add_epi32(corr[r]);
-    SD_UNROLL for (int m = 0; m < MT; ++m) out[m * R + r] = _mm512_reduce_add_epi32(acc[m][r]) - c;
-  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r)
+    out[m * R + r] = _mm512_reduce_add_epi32(acc[m][r]) - xsum[m];
 }
 
 template <int R, int MT>
-SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
-                         const float* w_scale, const float* bias, int64_t n, float* y, int64_t ldy) {
+SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const int32_t* xsum, const SparseRows& w,
+                         const int8_t* values, const float* w_scale, const float* bias, int64_t n, float* y,
+                         int64_t ldy) {
   const uint8_t* mask[R];
   const int8_t* vals[R];
   for (int r = 0; r < R; ++r) {
@@ -167,9 +164,9 @@ SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRow
   int32_t out[MT * R];
   const int64_t ldq = quantized_stride_for(w.k);
   if (w.row_ptr[n + R] + 64 <= w.row_ptr[w.n_rows])
-    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, out);
+    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, xsum, out);
   else
-    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, out);
+    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, xsum, out);
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r)
       y[m * ldy + n + r] = static_cast<float>(out[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
@@ -179,9 +176,17 @@ template <int MT>
 SD_AVX512 void int8_block(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
                           const float* w_scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int R = MT == 1 ? 4 : 2;
+  const int64_t ldq = quantized_stride_for(w.k);
+  int32_t xsum[MT];  // 128 * sum(q) per row of x
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int m = 0; m < MT; ++m) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ldq; i += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(xq + m * ldq + i));
+    xsum[m] = 128 * _mm512_reduce_add_epi32(sum);
+  }
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
-  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
+  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, xsum, w, values, w_scale, bias, n, y, ldy);
+  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, xsum, w, values, w_scale, bias, n, y, ldy);
 }
 
 constexpr int64_t kPrefillMinRows = 16;  // from this many rows of X: the decode-once GEMM of kernels_avx512_gemm.cpp

@@ -5,9 +5,10 @@
 // fp32: the panel is kPanel rows of W (= columns of Y) x kKBlock columns of K, packed [k][n]; the tile is kMR rows
 // of X x kPanel columns of Y, 24 accumulators, per k three panel loads, kMR broadcasts of x and 24 FMAs. Y is the
 // accumulator between K blocks; each K block of X (M x 256 floats) stays in L2 while every panel passes over it.
-// int8 (VNNI): the panel is packed [k/4][n][4 bytes] over all of K (vpdpbusd sums 4 bytes per 32-bit lane), so the
-// exact int32 sums stay in registers until the one scaling; x is offset to u = q + 128 (vpdpbusd multiplies unsigned
-// by signed bytes) and 128 * sum(w) per row, taken from the same packed vectors, is subtracted.
+// int8 (VNNI): the panel is packed [k/4][n][4 bytes] (vpdpbusd sums 4 bytes per 32-bit lane) over K blocks of 512,
+// the exact int32 sums kept in a small [M][kPanel] buffer between blocks and scaled once; x is offset to u = q + 128
+// (vpdpbusd multiplies unsigned by signed bytes) and 128 * sum(w) per row, from the same packed vectors, subtracted.
+// A panel over all of K (196-528 KiB, written then read from L2) made M = 16 cost ~30% more.
 //
 // Both decode 16 rows x 16 lanes at a time with the register vexpandps / vpexpandb of kernels_avx512.cpp, then
 // transpose that 16 x 16 block of 32-bit lanes in registers.
@@ -33,6 +34,7 @@ constexpr int kNV = 3;                 // 16-lane vectors across a panel
 constexpr int kPanel = 16 * kNV;       // rows of W decoded together
 constexpr int kMR = 8;                 // rows of X per register tile
 constexpr int64_t kKBlock = 256;       // fp32: columns of K per packed panel (48 KiB)
+constexpr int64_t kKBlockInt8 = 512;   // int8: columns of K per packed panel (24 KiB), int32 sums kept between
 // Software prefetch distance into each row's value stream. fp32 visits a row for one K block per pass over all
 // panels, too far apart for the hardware prefetchers: this fetches the row's next block while the pass runs
 // (4096x4096, M = 128, the decode alone: 10 -> 5 ms). int8 streams 16 rows at once.
@@ -140,13 +142,14 @@ SD_AVX512 void f32_tiles(const float* x, int64_t m_rows, int64_t ldx, const floa
 
 // ---- int8 ----
 
-// Decodes all 64-byte chunks of `rows` (<= 16) rows into dst[(c * 16 + j) * kPanel + i] as 4-byte groups (bytes
-// 4j .. 4j+3 of chunk c of row i); corr (in/out) gets 128 * the sum of each row's bytes.
+// Decodes 64-byte chunks [c0, c1) of `rows` (<= 16) rows into dst[((c - c0) * 16 + j) * kPanel + i] as 4-byte
+// groups (bytes 4j .. 4j+3 of chunk c of row i); corr (in/out) gets 128 * the sum of each row's bytes.
 template <bool Fast>
-SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64_t rows, int64_t chunks,
+SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64_t rows, int64_t c0, int64_t c1,
                            int32_t* dst, __m512i* corr) {
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < chunks; ++c) {
+  __m512i sums[4] = {*corr, _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};  // 4 chains
+  for (int64_t c = c0; c < c1; ++c) {
     __m512i r[16];
     SD_UNROLL for (int i = 0; i < 16; ++i) {
       if (i >= rows) {
@@ -160,21 +163,34 @@ SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64
       _mm_prefetch(reinterpret_cast<const char*>(cur[i]) + kPrefetchBytes, _MM_HINT_T0);
     }
     transpose16(r);
-    int32_t* out = dst + c * 16 * kPanel;
+    int32_t* out = dst + (c - c0) * 16 * kPanel;
     SD_UNROLL for (int j = 0; j < 16; ++j) {
       _mm512_storeu_si512(out + j * kPanel, r[j]);
-      *corr = _mm512_dpbusd_epi32(*corr, u128, r[j]);
+      sums[j % 4] = _mm512_dpbusd_epi32(sums[j % 4], u128, r[j]);
     }
   }
+  *corr = _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
 }
 
+// The sums of MR rows of x (u = q + 128, row stride ldq) with the panel over k4 steps of 4 bytes, added to part
+// ([MR][kPanel] int32, null for the first K block). Into part again, or, when last, finished into y.
+struct Int8Out {
+  const __m512i* corr;  // [kNV], 128 * sum(w) per row of W
+  const float* x_scale;
+  const float* w_scale;
+  const float* bias;
+  float* y;
+  int64_t ldy;
+  const __mmask16* cols;  // [kNV]
+};
+
 template <int MR>
-SD_AVX512 void int8_tile(const uint8_t* xu, int64_t ldq, const int32_t* panel, const __m512i (&corr)[kNV],
-                         const float* x_scale, const float* w_scale, const float* bias, float* y, int64_t ldy,
-                         const __mmask16 (&cols)[kNV]) {
+SD_AVX512 void int8_tile(const uint8_t* xu, int64_t ldq, const int32_t* panel, int64_t k4s, int32_t* part,
+                         bool first, bool last, const Int8Out& o) {
   __m512i acc[MR][kNV];
-  SD_UNROLL for (int m = 0; m < MR; ++m) SD_UNROLL for (int v = 0; v < kNV; ++v) acc[m][v] = _mm512_setzero_si512();
-  for (int64_t k4 = 0; k4 < ldq / 4; ++k4) {
+  SD_UNROLL for (int m = 0; m < MR; ++m) SD_UNROLL for (int v = 0; v < kNV; ++v)
+    acc[m][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(part + m * kPanel + 16 * v);
+  for (int64_t k4 = 0; k4 < k4s; ++k4) {
     __m512i wv[kNV];
     SD_UNROLL for (int v = 0; v < kNV; ++v) wv[v] = _mm512_loadu_si512(panel + k4 * kPanel + 16 * v);
     SD_UNROLL for (int m = 0; m < MR; ++m) {
@@ -184,35 +200,38 @@ SD_AVX512 void int8_tile(const uint8_t* xu, int64_t ldq, const int32_t* panel, c
       SD_UNROLL for (int v = 0; v < kNV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xb, wv[v]);
     }
   }
+  if (!last) {
+    SD_UNROLL for (int m = 0; m < MR; ++m) SD_UNROLL for (int v = 0; v < kNV; ++v)
+      _mm512_storeu_si512(part + m * kPanel + 16 * v, acc[m][v]);
+    return;
+  }
   SD_UNROLL for (int v = 0; v < kNV; ++v) {
-    const __m512 ws = _mm512_maskz_loadu_ps(cols[v], w_scale + 16 * v);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(cols[v], bias + 16 * v) : _mm512_setzero_ps();
+    const __m512 ws = _mm512_maskz_loadu_ps(o.cols[v], o.w_scale + 16 * v);
+    const __m512 b = o.bias ? _mm512_maskz_loadu_ps(o.cols[v], o.bias + 16 * v) : _mm512_setzero_ps();
     SD_UNROLL for (int m = 0; m < MR; ++m) {
       // as the reference: (xs * ws), then * sum, then + bias, each rounded (opaque: GCC would fuse into an FMA)
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(x_scale[m]), ws);
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], corr[v]));
-      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, cols[v], _mm512_add_ps(opaque(_mm512_mul_ps(sum, s)), b));
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(o.x_scale[m]), ws);
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], o.corr[v]));
+      _mm512_mask_storeu_ps(o.y + m * o.ldy + 16 * v, o.cols[v], _mm512_add_ps(opaque(_mm512_mul_ps(sum, s)), b));
     }
   }
 }
 
-SD_AVX512 void int8_tiles(const uint8_t* xu, int64_t m_rows, int64_t ldq, const int32_t* panel,
-                          const __m512i (&corr)[kNV], const float* x_scale, const float* w_scale, const float* bias,
-                          float* y, int64_t ldy, const __mmask16 (&cols)[kNV]) {
+SD_AVX512 void int8_tiles(const uint8_t* xu, int64_t m_rows, int64_t ldq, const int32_t* panel, int64_t k4s,
+                          int32_t* part, bool first, bool last, Int8Out o) {
   int64_t m = 0;
-  for (; m + kMR <= m_rows; m += kMR)
-    int8_tile<kMR>(xu + m * ldq, ldq, panel, corr, x_scale + m, w_scale, bias, y + m * ldy, ldy, cols);
+  for (; m + kMR <= m_rows; m += kMR, o.x_scale += kMR, o.y += kMR * o.ldy)
+    int8_tile<kMR>(xu + m * ldq, ldq, panel, k4s, part + m * kPanel, first, last, o);
   xu += m * ldq;
-  x_scale += m;
-  y += m * ldy;
+  part += m * kPanel;
   switch (m_rows - m) {
-    case 7: return int8_tile<7>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 6: return int8_tile<6>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 5: return int8_tile<5>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 4: return int8_tile<4>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 3: return int8_tile<3>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 2: return int8_tile<2>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
-    case 1: return int8_tile<1>(xu, ldq, panel, corr, x_scale, w_scale, bias, y, ldy, cols);
+    case 7: return int8_tile<7>(xu, ldq, panel, k4s, part, first, last, o);
+    case 6: return int8_tile<6>(xu, ldq, panel, k4s, part, first, last, o);
+    case 5: return int8_tile<5>(xu, ldq, panel, k4s, part, first, last, o);
+    case 4: return int8_tile<4>(xu, ldq, panel, k4s, part, first, last, o);
+    case 3: return int8_tile<3>(xu, ldq, panel, k4s, part, first, last, o);
+    case 2: return int8_tile<2>(xu, ldq, panel, k4s, part, first, last, o);
+    case 1: return int8_tile<1>(xu, ldq, panel, k4s, part, first, last, o);
   }
 }
 
@@ -245,9 +264,7 @@ SD_AVX512 void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const S
       }
       __mmask16 cols[kNV];
       for (int v = 0; v < kNV; ++v) cols[v] = lanes(rows, v);
-#ifndef SD_NO_GEMM
       f32_tiles(x + k0, m_rows, w.k, panel.data(), kc, y + nb, ldy, cols);
-#endif
     }
   }
 }
@@ -261,29 +278,37 @@ SD_AVX512 void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t i = 0; i < m_rows * ldq; i += 64)
     _mm512_storeu_si512(xu.data() + i, _mm512_xor_si512(_mm512_loadu_si512(xq + i), u128));
-  std::vector<int32_t> panel(static_cast<size_t>(ldq / 4 * kPanel));
-  const uint8_t* mask[16];
-  const int8_t* cur[16];
+  std::vector<int32_t> panel(static_cast<size_t>(kKBlockInt8 / 4 * kPanel));
+  std::vector<int32_t> part(static_cast<size_t>(m_rows * kPanel));  // int32 sums between K blocks
+  const uint8_t* mask[kPanel];
+  const int8_t* cur[kPanel];
   for (int64_t nb = n0; nb < n1; nb += kPanel) {
     const int64_t rows = std::min<int64_t>(kPanel, n1 - nb);
     __m512i corr[kNV];
+    __mmask16 cols[kNV];
+    bool fast[kNV];
     for (int v = 0; v < kNV; ++v) {
       corr[v] = _mm512_setzero_si512();
-      if (16 * v >= rows) continue;
-      const int64_t r0 = nb + 16 * v, rv = std::min<int64_t>(16, rows - 16 * v);
-      for (int64_t i = 0; i < rv; ++i) {
-        mask[i] = w.mask + (r0 + i) * w.mask_stride;
-        cur[i] = values + w.row_ptr[r0 + i];
-      }
-      if (w.row_ptr[r0 + rv] + 64 <= nnz)
-        decode_int8<true>(mask, cur, rv, ldq / 64, panel.data() + 16 * v, &corr[v]);
-      else
-        decode_int8<false>(mask, cur, rv, ldq / 64, panel.data() + 16 * v, &corr[v]);
+      cols[v] = lanes(rows, v);
+      const int64_t rv = std::max<int64_t>(0, std::min<int64_t>(16, rows - 16 * v));
+      fast[v] = w.row_ptr[nb + 16 * v + rv] + 64 <= nnz;
     }
-    __mmask16 cols[kNV];
-    for (int v = 0; v < kNV; ++v) cols[v] = lanes(rows, v);
-    int8_tiles(xu.data(), m_rows, ldq, panel.data(), corr, x_scale, w_scale + nb, bias ? bias + nb : nullptr,
-               y + nb, ldy, cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      mask[i] = w.mask + (nb + i) * w.mask_stride;
+      cur[i] = values + w.row_ptr[nb + i];
+    }
+    for (int64_t k0 = 0; k0 < ldq; k0 += kKBlockInt8) {
+      const int64_t kc = std::min(kKBlockInt8, ldq - k0);
+      for (int v = 0; v < kNV && 16 * v < rows; ++v) {
+        const int64_t rv = std::min<int64_t>(16, rows - 16 * v);
+        if (fast[v])
+          decode_int8<true>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, panel.data() + 16 * v, &corr[v]);
+        else
+          decode_int8<false>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, panel.data() + 16 * v, &corr[v]);
+      }
+      const Int8Out out{corr, x_scale, w_scale + nb, bias ? bias + nb : nullptr, y + nb, ldy, cols};
+      int8_tiles(xu.data() + k0, m_rows, ldq, panel.data(), kc / 4, part.data(), k0 == 0, k0 + kc == ldq, out);
+    }
   }
 }
 

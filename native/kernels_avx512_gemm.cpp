@@ -146,7 +146,7 @@ SD_AVX512 void f32_tiles(const float* x, int64_t m_rows, int64_t ldx, const floa
 // groups (bytes 4j .. 4j+3 of chunk c of row i); corr (in/out) gets 128 * the sum of each row's bytes.
 template <bool Fast>
 SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64_t rows, int64_t c0, int64_t c1,
-                           int32_t* dst, __m512i* corr) {
+                           int64_t ahead, int32_t* dst, __m512i* corr) {
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i sums[4] = {*corr, _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};  // 4 chains
   for (int64_t c = c0; c < c1; ++c) {
@@ -160,7 +160,7 @@ SD_AVX512 void decode_int8(const uint8_t* const* mask, const int8_t** cur, int64
       r[i] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(cur[i])))
                   : _mm512_maskz_expandloadu_epi8(b, cur[i]);
       cur[i] += _mm_popcnt_u64(b);
-      _mm_prefetch(reinterpret_cast<const char*>(cur[i]) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(cur[i]) + ahead, _MM_HINT_T1);
     }
     transpose16(r);
     int32_t* out = dst + (c - c0) * 16 * kPanel;
@@ -293,6 +293,9 @@ SD_AVX512 void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale
       const int64_t rv = std::max<int64_t>(0, std::min<int64_t>(16, rows - 16 * v));
       fast[v] = w.row_ptr[nb + 16 * v + rv] + 64 <= nnz;
     }
+    // Each row prefetches the same place in the next panel's values (contiguous after this panel's), so the
+    // next panel's rows start in L2 rather than as 48 cold streams.
+    const int64_t ahead = w.row_ptr[nb + rows] - w.row_ptr[nb];
     for (int64_t i = 0; i < rows; ++i) {
       mask[i] = w.mask + (nb + i) * w.mask_stride;
       cur[i] = values + w.row_ptr[nb + i];
@@ -302,9 +305,9 @@ SD_AVX512 void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale
       for (int v = 0; v < kNV && 16 * v < rows; ++v) {
         const int64_t rv = std::min<int64_t>(16, rows - 16 * v);
         if (fast[v])
-          decode_int8<true>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, panel.data() + 16 * v, &corr[v]);
+          decode_int8<true>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, ahead, panel.data() + 16 * v, &corr[v]);
         else
-          decode_int8<false>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, panel.data() + 16 * v, &corr[v]);
+          decode_int8<false>(&mask[16 * v], &cur[16 * v], rv, k0 / 64, (k0 + kc) / 64, ahead, panel.data() + 16 * v, &corr[v]);
       }
       const Int8Out out{corr, x_scale, w_scale + nb, bias ? bias + nb : nullptr, y + nb, ldy, cols};
       int8_tiles(xu.data() + k0, m_rows, ldq, panel.data(), kc / 4, part.data(), k0 == 0, k0 + kc == ldq, out);

@@ -37,10 +37,10 @@ const char* isa_name(Isa isa) {
 
 KernelSet kernels_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::avx512) return {isa, sparse_f32_avx512, sparse_int8_avx512};
-  if (isa == Isa::avx2) return {isa, sparse_f32_avx2, sparse_int8_avx2};
+  if (isa == Isa::avx512) return {isa, sparse_f32_avx512, sparse_int8_avx512, quantize_rows_avx512};
+  if (isa == Isa::avx2) return {isa, sparse_f32_avx2, sparse_int8_avx2, quantize_rows};
 #endif
-  return {Isa::portable, sparse_f32_portable, sparse_int8_portable};
+  return {Isa::portable, sparse_f32_portable, sparse_int8_portable, quantize_rows};
 }
 
 }  // namespace sparse_deploy

@@ -38,6 +38,8 @@ using SparseInt8Fn = void (*)(const int8_t* xq, const float* x_scale, int64_t m_
 // Per row of X [M, K]: s = max|x| / 127, q = clamp(rint(x / s), -127, 127) (q = 0 where s = 0); writes xq with
 // row stride quantized_stride_for(K), zero-padded.
 void quantize_rows(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale);
+void quantize_rows_avx512(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale);  // same result
+using QuantizeFn = void (*)(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale);
 
 // Checks the layout (row_ptr starts at 0, never decreases, ends at nnz, matches each row's bit count; no bits
 // beyond K). Returns null when valid, else a static message.
@@ -60,6 +62,12 @@ void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, cons
 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
                         const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
                         float* y, int64_t ldy);
+// The AVX-512 path's kernels for many rows of X (prefill); sparse_*_avx512 call them from kPrefillMinRows rows on.
+void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
+                               const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);
+void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                                const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
+                                int64_t n1, float* y, int64_t ldy);
 
 // The instruction-set paths; cpu_supports() asks the running CPU.
 enum class Isa { portable, avx2, avx512 };
@@ -70,6 +78,7 @@ struct KernelSet {
   Isa isa;
   SparseF32Fn f32;
   SparseInt8Fn int8;
+  QuantizeFn quantize;
 };
 KernelSet kernels_for(Isa isa);
 

@@ -8,6 +8,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -28,7 +30,7 @@ namespace {
 // Software prefetch distance into each row's value stream: with R rows in flight the hardware prefetchers alone
 // left the fp32 kernel at ~60% of the bandwidth it reaches with this (4096x4096, 50%, one thread).
 constexpr int kPrefetchBytes = 1024;
-constexpr int kPrefetchBytesInt8 = 4096;  // int8 rows are consumed 4x faster per step
+constexpr int kPrefetchBytesInt8 = 16384;  // int8 rows are consumed 4x faster per step
 
 // A plain load the compiler may not fold into the instruction that uses it (GCC turns load + vexpandps into the
 // memory form, which is the slow one).
@@ -116,112 +118,43 @@ SD_AVX512 void f32_block(const float* x, const SparseRows& w, const float* value
   }
 }
 
-// ---- fp32 prefill: decode a few rows of W once, then a dense tile over all rows of X ----
-
-constexpr int64_t kDecodedRows = 4;      // rows of W decoded together (the R of the dense tile)
-constexpr int64_t kPrefillKBlock = 1024; // columns per pass: 4 rows of x and 4 decoded rows stay in L1
-constexpr int64_t kPrefillMinRows = 16;  // fewer rows of X than this: the expand-per-step kernel above
-
-// Y[m .. m+MT, n .. n+R] += the product over columns [k0, k1) of x rows (stride k) and decoded rows (stride kp).
-template <int R, int MT>
-SD_AVX512 inline void dense_tile(const float* x, int64_t k, const float* rows, int64_t kp, int64_t k0, int64_t k1,
-                                 float* y, int64_t ldy) {
-  __m512 acc[MT][R];
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t full = std::min(k1, k / 16 * 16);
-  int64_t c = k0;
-  for (; c < full; c += 16) {
-    __m512 wv[R];
-    SD_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(rows + r * kp + c);
-    SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * k + c);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  if (c < k1) {  // the last, partial chunk of K: x is read only inside K
-    const __mmask16 xm = __mmask16((1u << (k - c)) - 1);
-    SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(xm, x + m * k + c);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows + r * kp + c), xv, acc[m][r]);
-    }
-  }
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) y[m * ldy + r] += _mm512_reduce_add_ps(acc[m][r]);
-}
-
-template <int R>
-SD_AVX512 void dense_rows(const float* x, int64_t m_rows, int64_t k, const float* rows, int64_t kp, int64_t k0,
-                          int64_t k1, float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= m_rows; m += 4) dense_tile<R, 4>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
-  for (; m < m_rows; ++m) dense_tile<R, 1>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
-}
-
-SD_AVX512 void f32_prefill(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
-                           const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t kp = (w.k + 15) / 16 * 16;
-  std::vector<float> decoded(static_cast<size_t>(kDecodedRows * kp));
-  for (int64_t nb = n0; nb < n1; nb += kDecodedRows) {
-    const int64_t rows = std::min(kDecodedRows, n1 - nb);
-    for (int64_t r = 0; r < rows; ++r) {  // the fault-suppressing expand-load: decoding is not the hot part here
-      const uint16_t* bits = reinterpret_cast<const uint16_t*>(w.mask + (nb + r) * w.mask_stride);
-      const float* v = values + w.row_ptr[nb + r];
-      for (int64_t c = 0; c < kp / 16; ++c) {
-        _mm512_storeu_ps(decoded.data() + r * kp + 16 * c, _mm512_maskz_expandloadu_ps(bits[c], v));
-        v += _mm_popcnt_u32(bits[c]);
-      }
-      for (int64_t m = 0; m < m_rows; ++m) y[m * ldy + nb + r] = bias ? bias[nb + r] : 0.0f;
-    }
-    for (int64_t k0 = 0; k0 < kp; k0 += kPrefillKBlock) {
-      const int64_t k1 = std::min(kp, k0 + kPrefillKBlock);
-      if (rows == kDecodedRows) {
-        dense_rows<kDecodedRows>(x, m_rows, w.k, decoded.data(), kp, k0, k1, y + nb, ldy);
-      } else {
-        for (int64_t r = 0; r < rows; ++r) dense_rows<1>(x, m_rows, w.k, decoded.data() + r * kp, kp, k0, k1, y + nb + r, ldy);
-      }
-    }
-  }
-}
-
 // ---- int8 ----
 
-// x is quantized int8; vpdpbusd multiplies unsigned by signed bytes, so it takes u = q + 128 and the row's
-// sum of 128 * w is subtracted: sum(q * w) = sum(u * w) - 128 * sum(w), every step exact in int32.
+// vpdpbusd multiplies unsigned by signed bytes: the expanded weights are offset to u = w + 128 (one vpxor; the
+// dropped positions become 128) and x stays signed, so sum(u * q) = sum(w * q) + 128 * sum(q) over all of the
+// zero-padded row of x, subtracted once per row of x (xsum = 128 * sum(q)); every step exact in int32.
 template <int R, int MT, bool Fast>
 SD_AVX512 inline void int8_tile(const int8_t* xq, int64_t ldq, int64_t k, const uint8_t* const* mask,
-                                const int8_t* const* values, int32_t* out /* [MT][R] */) {
+                                const int8_t* const* values, const int32_t* xsum, int32_t* out /* [MT][R] */) {
   const int8_t* vals[R];  // local, so the pointer chains stay in registers
   SD_UNROLL for (int r = 0; r < R; ++r) vals[r] = values[r];
   __m512i acc[MT][R];
-  __m512i corr[R];
-  SD_UNROLL for (int r = 0; r < R; ++r) {
-    corr[r] = _mm512_setzero_si512();
-    SD_UNROLL for (int m = 0; m < MT; ++m) acc[m][r] = _mm512_setzero_si512();
-  }
-  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t words = (k + 63) / 64;
   for (int64_t wi = 0; wi < words; ++wi) {
-    __m512i wv[R];
+    __m512i wu[R];
     SD_UNROLL for (int r = 0; r < R; ++r) {
       const uint64_t b = reinterpret_cast<const uint64_t*>(mask[r])[wi];
-      wv[r] = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r]))) : _mm512_maskz_expandloadu_epi8(b, vals[r]);
+      const __m512i wv = Fast ? _mm512_maskz_expand_epi8(b, opaque(_mm512_loadu_si512(vals[r])))
+                              : _mm512_maskz_expandloadu_epi8(b, vals[r]);
+      wu[r] = _mm512_xor_si512(wv, u128);
       vals[r] += _mm_popcnt_u64(b);
       _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytesInt8, _MM_HINT_T0);
-      corr[r] = _mm512_dpbusd_epi32(corr[r], bias128, wv[r]);
     }
     SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(xq + m * ldq + wi * 64), bias128);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xu, wv[r]);
+      const __m512i xv = _mm512_loadu_si512(xq + m * ldq + wi * 64);
+      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wu[r], xv);
     }
   }
-  SD_UNROLL for (int r = 0; r < R; ++r) {
-    const int32_t c = _mm512_reduce_add_epi32(corr[r]);
-    SD_UNROLL for (int m = 0; m < MT; ++m) out[m * R + r] = _mm512_reduce_add_epi32(acc[m][r]) - c;
-  }
+  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r)
+    out[m * R + r] = _mm512_reduce_add_epi32(acc[m][r]) - xsum[m];
 }
 
 template <int R, int MT>
-SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
-                         const float* w_scale, const float* bias, int64_t n, float* y, int64_t ldy) {
+SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const int32_t* xsum, const SparseRows& w,
+                         const int8_t* values, const float* w_scale, const float* bias, int64_t n, float* y,
+                         int64_t ldy) {
   const uint8_t* mask[R];
   const int8_t* vals[R];
   for (int r = 0; r < R; ++r) {
@@ -231,9 +164,9 @@ SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const SparseRow
   int32_t out[MT * R];
   const int64_t ldq = quantized_stride_for(w.k);
   if (w.row_ptr[n + R] + 64 <= w.row_ptr[w.n_rows])
-    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, out);
+    int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, xsum, out);
   else
-    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, out);
+    int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, xsum, out);
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r)
       y[m * ldy + n + r] = static_cast<float>(out[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
@@ -243,82 +176,56 @@ template <int MT>
 SD_AVX512 void int8_block(const int8_t* xq, const float* x_scale, const SparseRows& w, const int8_t* values,
                           const float* w_scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int R = MT == 1 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
-  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, w, values, w_scale, bias, n, y, ldy);
-}
-
-// int8 prefill: as for fp32, four rows of W decoded once (int8 rows are small enough that 4 rows of x and of W
-// fit in L1/L2 without K blocks), the int32 sums finished over all of K before the one scaling.
-template <int R, int MT>
-SD_AVX512 inline void dense_tile_int8(const int8_t* xq, int64_t ldq, const int8_t* rows, const int32_t* corr,
-                                      const float* x_scale, const float* w_scale, const float* bias, float* y,
-                                      int64_t ldy) {
-  __m512i acc[MT][R];
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
-  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < ldq; c += 64) {
-    __m512i wv[R];
-    SD_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows + r * ldq + c);
-    SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(xq + m * ldq + c), bias128);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xu, wv[r]);
-    }
-  }
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) {
-    const int32_t sum = _mm512_reduce_add_epi32(acc[m][r]) - corr[r];
-    y[m * ldy + r] = static_cast<float>(sum) * (x_scale[m] * w_scale[r]) + (bias ? bias[r] : 0.0f);
-  }
-}
-
-template <int R>
-SD_AVX512 void dense_rows_int8(const int8_t* xq, const float* x_scale, int64_t m_rows, int64_t ldq,
-                               const int8_t* rows, const int32_t* corr, const float* w_scale, const float* bias,
-                               float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= m_rows; m += 4)
-    dense_tile_int8<R, 4>(xq + m * ldq, ldq, rows, corr, x_scale + m, w_scale, bias, y + m * ldy, ldy);
-  for (; m < m_rows; ++m)
-    dense_tile_int8<R, 1>(xq + m * ldq, ldq, rows, corr, x_scale + m, w_scale, bias, y + m * ldy, ldy);
-}
-
-SD_AVX512 void int8_prefill(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
-                            const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
-                            float* y, int64_t ldy) {
   const int64_t ldq = quantized_stride_for(w.k);
-  std::vector<int8_t> decoded(static_cast<size_t>(kDecodedRows * ldq));
-  int32_t corr[kDecodedRows];
-  for (int64_t nb = n0; nb < n1; nb += kDecodedRows) {
-    const int64_t rows = std::min(kDecodedRows, n1 - nb);
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint64_t* bits = reinterpret_cast<const uint64_t*>(w.mask + (nb + r) * w.mask_stride);
-      const int8_t* v = values + w.row_ptr[nb + r];
-      int32_t sum = 0;
-      for (int64_t i = 0, count = w.row_ptr[nb + r + 1] - w.row_ptr[nb + r]; i < count; ++i) sum += v[i];
-      corr[r] = 128 * sum;  // what the u = q + 128 offset adds: 128 * sum(w)
-      for (int64_t c = 0; c < ldq / 64; ++c) {
-        _mm512_storeu_si512(decoded.data() + r * ldq + 64 * c, _mm512_maskz_expandloadu_epi8(bits[c], v));
-        v += _mm_popcnt_u64(bits[c]);
-      }
-    }
-    const float* b = bias ? bias + nb : nullptr;
-    if (rows == kDecodedRows) {
-      dense_rows_int8<kDecodedRows>(xq, x_scale, m_rows, ldq, decoded.data(), corr, w_scale + nb, b, y + nb, ldy);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        dense_rows_int8<1>(xq, x_scale, m_rows, ldq, decoded.data() + r * ldq, corr + r, w_scale + nb + r,
-                           b ? b + r : nullptr, y + nb + r, ldy);
-    }
+  int32_t xsum[MT];  // 128 * sum(q) per row of x
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int m = 0; m < MT; ++m) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ldq; i += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(xq + m * ldq + i));
+    xsum[m] = 128 * _mm512_reduce_add_epi32(sum);
   }
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_rows<R, MT>(xq, x_scale, xsum, w, values, w_scale, bias, n, y, ldy);
+  for (; n < n1; ++n) int8_rows<1, MT>(xq, x_scale, xsum, w, values, w_scale, bias, n, y, ldy);
 }
 
+constexpr int64_t kPrefillMinRows = 16;  // from this many rows of X: the decode-once GEMM of kernels_avx512_gemm.cpp
 constexpr int64_t kMTile = 4;  // rows of X per expanded weight vector
 
 }  // namespace
 
+// quantize_rows of kernels_portable.cpp, 16 lanes at a time: the same IEEE division, round half to even and clamp,
+// so the same int8 (max ignores NaN as fmax does; a NaN x gives -127 as there).
+SD_AVX512 void quantize_rows_avx512(const float* x, int64_t m_rows, int64_t k, int8_t* xq, float* x_scale) {
+  const int64_t ldq = quantized_stride_for(k);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const float* xr = x + m * k;
+    int8_t* qr = xq + m * ldq;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 in = i + 16 <= k ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+      amax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(in, xr + i)), amax);
+    }
+    const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+    x_scale[m] = s;
+    if (s == 0.0f || !std::isfinite(s)) {
+      std::memset(qr, 0, static_cast<size_t>(ldq));
+      continue;
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t i = 0; i < ldq; i += 16) {  // zeros beyond K
+      const __mmask16 in = i + 16 <= k ? __mmask16(0xFFFF) : i < k ? __mmask16((1u << (k - i)) - 1) : __mmask16(0);
+      __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, xr + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+  }
+}
+
 SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                                  const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  if (m_rows >= kPrefillMinRows) return f32_prefill(x, m_rows, w, values, bias, n0, n1, y, ldy);
+  if (m_rows >= kPrefillMinRows) return sparse_f32_prefill_avx512(x, m_rows, w, values, bias, n0, n1, y, ldy);
   std::vector<const float*> cursor(static_cast<size_t>(n1 - n0));
   int64_t m = 0;
   for (; m + kMTile <= m_rows; m += kMTile)
@@ -329,7 +236,7 @@ SD_AVX512 void sparse_f32_avx512(const float* x, int64_t m_rows, const SparseRow
 SD_AVX512 void sparse_int8_avx512(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
                                   const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
                                   int64_t n1, float* y, int64_t ldy) {
-  if (m_rows >= kPrefillMinRows) return int8_prefill(xq, x_scale, m_rows, w, values, w_scale, bias, n0, n1, y, ldy);
+  if (m_rows >= kPrefillMinRows) return sparse_int8_prefill_avx512(xq, x_scale, m_rows, w, values, w_scale, bias, n0, n1, y, ldy);
   const int64_t ldq = quantized_stride_for(w.k);
   int64_t m = 0;
   for (; m + kMTile <= m_rows; m += kMTile)

@@ -22,6 +22,8 @@ namespace {
 
 constexpr const char* kDomain = "ai.sparse_deploy";
 constexpr int64_t kRowBlock = 32;               // rows of W per parallel task
+constexpr int64_t kPrefillRows = 16;            // from this many rows of X, tasks of kPrefillRowBlock rows of W:
+constexpr int64_t kPrefillRowBlock = 192;       // the prefill kernels decode W in panels of 48 rows
 constexpr int64_t kInlineWork = int64_t{1} << 16;  // below this many multiply-adds, no threads
 
 struct BadInput {
@@ -72,6 +74,7 @@ struct Task {
   const float* bias;
   float* y;
   bool int8;
+  int64_t row_block;
 };
 
 void run_block(const Task& t, int64_t n0, int64_t n1) {
@@ -84,8 +87,8 @@ void run_block(const Task& t, int64_t n0, int64_t n1) {
 
 void run_task(void* data, size_t block) {
   const Task& t = *static_cast<const Task*>(data);
-  const int64_t n0 = static_cast<int64_t>(block) * kRowBlock;
-  run_block(t, n0, std::min(t.w.n_rows, n0 + kRowBlock));
+  const int64_t n0 = static_cast<int64_t>(block) * t.row_block;
+  run_block(t, n0, std::min(t.w.n_rows, n0 + t.row_block));
 }
 
 class SparseKernel {
@@ -163,13 +166,14 @@ class SparseKernel {
     if (m_rows == 0 || n == 0) return;
 
     Task t{kernels_, x.GetTensorData<float>(), nullptr, nullptr, m_rows, w, nullptr,
-           nullptr, bias ? bias.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(), int8_};
+           nullptr, bias ? bias.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(), int8_,
+           m_rows >= kPrefillRows ? kPrefillRowBlock : kRowBlock};
     std::vector<int8_t> xq;
     std::vector<float> x_scale;
     if (int8_) {
       xq.resize(static_cast<size_t>(m_rows * quantized_stride_for(k)));
       x_scale.resize(static_cast<size_t>(m_rows));
-      quantize_rows(t.x, m_rows, k, xq.data(), x_scale.data());
+      t.kernels.quantize(t.x, m_rows, k, xq.data(), x_scale.data());
       t.xq = xq.data();
       t.x_scale = x_scale.data();
       t.values = values.GetTensorData<int8_t>();
@@ -178,7 +182,7 @@ class SparseKernel {
       t.values = values.GetTensorData<float>();
     }
 
-    const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+    const int64_t blocks = (n + t.row_block - 1) / t.row_block;
     if (blocks == 1 || m_rows * vs[0] < kInlineWork) {
       run_block(t, 0, n);
     } else {

@@ -2,8 +2,8 @@
 
 ``sparse`` puts every packed layer the ops cover on a sparse node, ``dense`` none. ``auto`` (the default) keeps a
 sparse node only where it is faster on this CPU: for each distinct layer (shape, dtype, sparsity to the nearest
-5%) it times ONNX Runtime's dense kernel against the sparse op on single-node models with random weights of that
-pattern, runs of the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
+5%) it times ONNX Runtime's dense kernel against the sparse op on models with random weights of that pattern
+(enough copies of the layer that its weights stream from memory, as a whole model's do at each step), runs of the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
 sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
 ``DECODE_STEPS`` tokens) takes less time with it. A layer's node serves every M, so a layer whose decode gain
 outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
@@ -36,6 +36,11 @@ DECODE_STEPS = 64  # the reference generation: a PREFILL_M-token prompt, then th
 TABLE_NAME = "kernel-choice.json"
 _WARMUP, _REPEATS = 2, 15
 _BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after 3 timed runs)
+# A model's layers stream from memory at every decode step; one layer timed alone would sit in the last-level cache
+# and favour the dense kernel. The timed graph therefore holds enough copies of the layer (rows rolled, so no two
+# are equal) to pass this many bytes of dense weights, and each copy counts as one run of the layer.
+STREAM_BYTES = 96 << 20
+_MAX_COPIES = 64
 
 
 def check_mode(mode: str) -> None:
@@ -172,7 +177,8 @@ def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.nd
 
 
 def measure(site: Site, native, threads: int | None) -> Timing:
-    """Time the dense and the sparse kernel on single-node models of this layer's pattern (random weights)."""
+    """Time the dense and the sparse kernel on models of this layer's pattern (random weights), each holding
+    ``copies`` nodes of the layer with their own weights, so that the weights stream from memory as in a model."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -181,25 +187,33 @@ def measure(site: Site, native, threads: int | None) -> Timing:
     n, k = site.shape
     w = _random_pattern(site, rng)
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])
-    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])
+    copies = max(1, min(_MAX_COPIES, -(-STREAM_BYTES // (n * k * 4))))
     if site.op == OP_INT8:
         q, scale = native.quantize_rows(w)  # [N, K] int8, [N]
-        dense_inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), "w"),
-                       numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(n, np.int8), "z")]
-        dense_node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")
-        parts = pack(site, q, scale)
+        copy = lambda i: (np.roll(q, i, axis=0), np.roll(scale, i))  # noqa: E731
     else:
-        dense_inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
-        dense_node = helper.make_node("MatMul", ["x", "w"], ["y"])
-        parts = pack(site, w, None)
-    names = ["mask", "values", "row_ptr", "scale"][: len(parts)]
-    sparse_node = helper.make_node(site.op, ["x", *names], ["y"],
-                                   domain=DOMAIN)
-    sparse_inits = [numpy_helper.from_array(p, name) for p, name in zip(parts, names)]
+        copy = lambda i: (np.roll(w, i, axis=0), None)  # noqa: E731
+    names = ["mask", "values", "row_ptr", "scale"]
+    dense_nodes, dense_inits, sparse_nodes, sparse_inits = [], [], [], []
+    for i in range(copies):
+        wi, si = copy(i)
+        if site.op == OP_INT8:
+            dense_inits += [numpy_helper.from_array(np.ascontiguousarray(wi.T), f"w{i}"),
+                            numpy_helper.from_array(si, f"s{i}"), numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")]
+            dense_nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
+                                                domain="com.microsoft"))
+        else:
+            dense_inits.append(numpy_helper.from_array(np.ascontiguousarray(wi.T), f"w{i}"))
+            dense_nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
+        parts = pack(site, wi, si)
+        sparse_inits += [numpy_helper.from_array(part, f"{name}{i}") for part, name in zip(parts, names)]
+        sparse_nodes.append(helper.make_node(site.op, ["x", *(f"{name}{i}" for name in names[: len(parts)])],
+                                             [f"y{i}"], domain=DOMAIN))
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(DOMAIN, 1)]
 
-    def session(node, inits) -> ort.InferenceSession:
-        graph = helper.make_graph([node], "layer", [x_info], [y_info], inits)
+    def session(nodes, inits) -> ort.InferenceSession:
+        outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n]) for i in range(copies)]
+        graph = helper.make_graph(nodes, "layer", [x_info], outputs, inits)
         model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
         options = ort.SessionOptions()
@@ -209,7 +223,7 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        if node.domain == DOMAIN:
+        if nodes[0].domain == DOMAIN:
             register(options)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -226,9 +240,9 @@ def measure(site: Site, native, threads: int | None) -> Timing:
                 start = time.perf_counter()
                 sess.run(None, x)
                 out.append(time.perf_counter() - start)
-        return min(samples[0]) * 1e3, min(samples[1]) * 1e3
+        return min(samples[0]) * 1e3 / copies, min(samples[1]) * 1e3 / copies
 
-    pair = (session(dense_node, dense_inits), session(sparse_node, sparse_inits))
+    pair = (session(dense_nodes, dense_inits), session(sparse_nodes, sparse_inits))
     d1, s1 = median_ms(pair, 1)
     if s1 >= d1:  # dense wins the decode step: the prompt is not timed (recorded as equal)
         return Timing((d1, d1), (s1, d1))

@@ -35,13 +35,13 @@ def measure_torch(folder: str | Path, config: BenchConfig) -> ModelBench:
     torch.set_num_threads(threads)
     source = resolve_source(str(folder))
     start = time.perf_counter()
-    model, adapter = load_model(source)
+    model, adapter = load_model(source, config.trust_remote_code)
     model = model.float()
     load_s = time.perf_counter() - start
     common = dict(name=str(folder), backend="torch", kind=adapter.kind, load_s=load_s, threads=threads,
                   file_bytes=sum(p.stat().st_size for p in weight_files(Path(source))))
     if adapter.kind == "encoder":
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, config.trust_remote_code)
 
         def run(batch: list[str]) -> None:
             model(**tokenizer(batch, padding=True, return_tensors="pt"))

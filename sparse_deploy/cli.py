@@ -324,6 +324,7 @@ def bench(
     allow_mismatch: bool = typer.Option(
         False, "--allow-mismatch", help="Compare with a baseline of another architecture, shape or vocabulary."
     ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP + " (--torch-baseline)"),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
     kernels: KernelsChoice = typer.Option(KernelsChoice.auto, "--kernels", help=KERNELS_HELP),
 ) -> None:
@@ -335,7 +336,7 @@ def bench(
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")
         config = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads, runs=runs,
-                             verify=not no_verify, kernels=kernels.value)
+                             verify=not no_verify, kernels=kernels.value, trust_remote_code=trust_remote_code)
         comparison = benchmark(onnx_dir, baseline=baseline, torch_baseline=torch_baseline, config=config,
                                allow_mismatch=allow_mismatch)
         typer.echo(format_comparison(comparison, (onnx_dir.name, "dense ONNX", "torch eager")))
@@ -418,7 +419,8 @@ def export_command(
         help="int8: per-output-channel symmetric 7-bit weights (-64..64, stored as int8; right on CPUs with or "
              "without VNNI) after pruning, run on ONNX Runtime's integer kernels. int4: ONNX Runtime's MatMulNBits "
              "(4-bit symmetric weights per group of --group-size input columns, accuracy level 4; the 4-bit "
-             "blocks are stored as they are, --encoding does not pack them). Pruned weights stay exactly 0. The parity check allows a relative logit error of 1e-3 unquantized, 0.1 int8, 0.4 int4.",
+             "blocks are stored as they are, --encoding does not pack them). Pruned weights stay exactly 0. The "
+             "parity check allows a relative logit error of 1e-3 unquantized, 0.1 int8, 0.4 int4.",
     ),
     group_size: Optional[int] = typer.Option(
         None, "--group-size", help="int4 only: input columns per 4-bit scale, 32, 64 or 128 [default: 32].",

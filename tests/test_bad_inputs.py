@@ -362,3 +362,11 @@ def test_export_warns_when_top1_agreement_is_low(tiny, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "top-1 agreement 80.0%" in result.output
     assert "warning: the export's next-token choice differs from torch at 20.0% of positions" in result.output
+
+
+def test_bench_torch_baseline_never_runs_remote_code_without_the_flag(remote_code_model, exported):
+    result = run("bench", exported, "--torch-baseline", remote_code_model, "--allow-mismatch", "--runs", 1,
+                 "--new-tokens", 2, "--prompt-len", 4)
+    one_line_error(result, "--trust-remote-code", 2)
+    assert not (remote_code_model / "RAN").exists()
+    assert "--trust-remote-code" in run("bench", "--help").output

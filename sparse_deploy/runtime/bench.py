@@ -30,6 +30,7 @@ class BenchConfig:
     warmup: int = 1
     verify: bool = True  # check the exports' model files against export.json's sha256 first (not timed)
     kernels: str = "auto"  # auto | sparse | dense: which packed layers run on the native sparse kernels
+    trust_remote_code: bool = False  # the torch baseline may run the Python code its model folder ships
 
     def __post_init__(self) -> None:
         from sparse_deploy.runtime.kernel_choice import check_mode

@@ -3,7 +3,8 @@
 ``sparse`` puts every packed layer the ops cover on a sparse node, ``dense`` none. ``auto`` (the default) keeps a
 sparse node only where it is faster on this CPU: for each distinct layer (shape, dtype, sparsity to the nearest
 5%) it times ONNX Runtime's dense kernel against the sparse op on models with random weights of that pattern
-(enough copies of the layer that its weights stream from memory, as a whole model's do at each step), runs of the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
+(enough copies of the layer that its weights stream from memory, as a whole model's do at each step), runs of
+the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
 sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
 ``DECODE_STEPS`` tokens) takes less time with it. A layer's node serves every M, so a layer whose decode gain
 outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
@@ -199,7 +200,8 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         wi, si = copy(i)
         if site.op == OP_INT8:
             dense_inits += [numpy_helper.from_array(np.ascontiguousarray(wi.T), f"w{i}"),
-                            numpy_helper.from_array(si, f"s{i}"), numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")]
+                            numpy_helper.from_array(si, f"s{i}"),
+                            numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")]
             dense_nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
                                                 domain="com.microsoft"))
         else:

@@ -41,7 +41,7 @@ _BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spe
 # and favour the dense kernel. The timed graph therefore holds enough copies of the layer (rows rolled, so no two
 # are equal) to pass this many bytes of dense weights, and each copy counts as one run of the layer.
 STREAM_BYTES = 96 << 20
-_MAX_COPIES = 64
+_MAX_COPIES = 8  # bounds the timing graphs of small layers (memory and session setup at first load)
 
 
 def check_mode(mode: str) -> None:

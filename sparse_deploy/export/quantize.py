@@ -119,13 +119,7 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), given
     out.CopyFrom(prepared)
     graph = out.graph
     inits = {init.name: init for init in graph.initializer}
-    targets = [
-        node for node in graph.node
-        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
-        and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
-    ]
-    if not targets:
-        raise ExportError("the model has no MatMul with a constant float weight to quantize")
+    targets = _float_weight_matmuls(graph, inits)
     taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(inits) \
         | {v.name for v in (*graph.input, *graph.output)}
     new_names = {f"{node.input[1]}{suffix}" for node in targets for suffix in (QUANT_SUFFIX, "_scale", "_zero_point")}
@@ -244,13 +238,7 @@ def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group
     out.CopyFrom(prepared)
     graph = out.graph
     inits = {init.name: init for init in graph.initializer}
-    targets = [
-        node for node in graph.node
-        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
-        and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
-    ]
-    if not targets:
-        raise ExportError("the model has no MatMul with a constant float weight to quantize")
+    targets = _float_weight_matmuls(graph, inits)
     weights = sorted({node.input[1] for node in targets})
     taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(inits)
     clash = {f"{w}{suffix}" for w in weights for suffix in (INT4_SUFFIX, "_scales")} & taken
@@ -286,3 +274,15 @@ def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group
     if not any(op.domain == "com.microsoft" for op in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
+
+
+def _float_weight_matmuls(graph: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
+    """The MatMul nodes whose weight (input 1) is a constant 2-D float initializer: what int8 and int4 quantize."""
+    targets = [
+        node for node in graph.node
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
+        and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    ]
+    if not targets:
+        raise ExportError("the model has no MatMul with a constant float weight to quantize")
+    return targets

@@ -55,6 +55,8 @@ def sweep_quant_torch(
     scales1, zeros1 [rows, groups]: with ``qgroup`` 0, column 0 holds the scale for the whole block (a group that
     started at or before the block); otherwise the sweep fixes group g's scale when it reaches column g·qgroup.
     """
+    from sparse_deploy.prune.solver import choose_nm  # solver imports this module: import at call time
+
     diag = U1.diagonal()
     scale, zero = scales1[:, 0], zeros1[:, 0]
     for i in range(W1.shape[1]):
@@ -63,10 +65,7 @@ def sweep_quant_torch(
             scales1[:, g], zeros1[:, g] = group_params(W1[:, i : i + qgroup], quant)
             scale, zero = scales1[:, g], zeros1[:, g]
         if n and i % m == 0:
-            group = W1[:, i : i + m]
-            scores = (group * group) / (diag[i : i + m] * diag[i : i + m])  # w²/[H⁻¹]_jj², [rows, m]
-            lowest = torch.argsort(scores, dim=1, stable=True)[:, :n]
-            mask1.scatter_(1, i + lowest, True)
+            choose_nm(W1, diag, mask1, i, n, m)
         w = W1[:, i].clone()
         q = torch.where(mask1[:, i], torch.zeros_like(w), round_to_grid(w, scale, zero, quant))  # [rows]
         e = (w - q) / U1[i, i]

@@ -191,10 +191,7 @@ def _sweep_torch(
     diag = U1.diagonal()
     for i in range(W1.shape[1]):
         if n and i % m == 0:
-            group = W1[:, i : i + m]
-            scores = (group * group) / (diag[i : i + m] * diag[i : i + m])  # w²/[H⁻¹]_jj², [rows, m]
-            lowest = torch.argsort(scores, dim=1, stable=True)[:, :n]
-            mask1.scatter_(1, i + lowest, True)
+            choose_nm(W1, diag, mask1, i, n, m)
         w = W1[:, i].clone()
         q = torch.where(mask1[:, i], torch.zeros_like(w), w)
         d = U1[i, i]
@@ -330,3 +327,11 @@ def _sweep_quant_block(W1, U1, mask1, n, m, err, loss, Wf, scales, zeros, i1, i2
 
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
+
+
+def choose_nm(W1: torch.Tensor, diag: torch.Tensor, mask1: torch.Tensor, i: int, n: int, m: int) -> None:
+    """Mark in ``mask1`` the n weights of each row's group of m columns from ``i`` with the lowest w²/[H⁻¹]_jj²."""
+    group = W1[:, i : i + m]
+    scores = (group * group) / (diag[i : i + m] * diag[i : i + m])  # [rows, m]
+    lowest = torch.argsort(scores, dim=1, stable=True)[:, :n]
+    mask1.scatter_(1, i + lowest, True)

@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py [--sparsities 0.5,2:4,0.7] [--repeat 3] [--work DIR] [--json PATH]
 
 The model is built from ../shared/tokenizers/opt/config.json with random weights (seed 0), every Linear weight of
-its decoder blocks is magnitude-pruned, and it is exported through ``sparse_deploy.export`` as
+its decoder blocks is magnitude-pruned, and it is exported through ``sparse_deploy.exporting`` as
 
     dense        the plain fp32 export (the baseline)
     coo          fp32, pruned weights as ONNX sparse_initializer
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from sparse_deploy import ExportConfig, export  # noqa: E402
 from sparse_deploy.config import SparsitySpec  # noqa: E402
 from sparse_deploy.machine import machine_info  # noqa: E402
-from sparse_deploy.prune import magnitude  # noqa: E402
+from sparse_deploy.pruning import magnitude  # noqa: E402
 
 SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
 VARIANTS = {

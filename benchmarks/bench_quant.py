@@ -122,7 +122,7 @@ def main() -> None:
     def timing(name: str) -> tuple[float, float, float]:
         return tuple(statistics.median(t[k] for t in times[name]) for k in range(3))  # type: ignore[return-value]
 
-    from sparse_deploy.prune import sparsify  # warm-up: compile (or load) the numba kernels before any timing
+    from sparse_deploy.pruning import sparsify  # warm-up: compile (or load) the numba kernels before any timing
 
     W, H = torch.randn(64, 256), torch.eye(256)
     for quant in (None, QuantSpec(8, None), QuantSpec(4, 128)):
@@ -202,7 +202,7 @@ def solver_timing(rounds: int) -> None:
     import torch
 
     from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
-    from sparse_deploy.prune import sparsify
+    from sparse_deploy.pruning import sparsify
 
     shapes = [(256, 256)] * 4 + [(1024, 256), (256, 1024)]  # q, k, v, out_proj, fc1, fc2: [out, in]
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ decode_tokens_per_s, prefill_ms, load_s, peak_rss_mb, isa.
 
 ``--model opt-125m`` (the default) is the older study below.
 
-Variants, each exported by ``sparse_deploy.export`` from the same magnitude-pruned checkpoint (random weights from
+Variants, each exported by ``sparse_deploy.exporting`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
 ``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
 (MatMulNBits), and the checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the

@@ -27,7 +27,7 @@ import torch
 
 from sparse_deploy.config import SolverConfig, SparsitySpec
 from sparse_deploy.machine import machine_info
-from sparse_deploy.prune.solver import sparsify
+from sparse_deploy.pruning.solver import sparsify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_sparsegpt import reference_prune  # noqa: E402

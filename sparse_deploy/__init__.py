@@ -27,10 +27,10 @@ _EXPORTS = {
     "inspect_checkpoint": "sparse_deploy.inspection",
     "benchmark": "sparse_deploy.runtime.bench",
     "BenchConfig": "sparse_deploy.runtime.bench",
-    "export": "sparse_deploy.export",
+    "export": "sparse_deploy.exporting.pipeline",
     "ExportConfig": "sparse_deploy.config",
-    "ExportReport": "sparse_deploy.export",
-    "ParityReport": "sparse_deploy.export",
+    "ExportReport": "sparse_deploy.exporting",
+    "ParityReport": "sparse_deploy.exporting",
 }
 
 __all__ = ["__version__", *_EXPORTS]

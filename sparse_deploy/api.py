@@ -23,8 +23,8 @@ from sparse_deploy.hf import (
 )
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes
-from sparse_deploy.prune.sequential import prune_sequential
-from sparse_deploy.prune.solver import resolve_device
+from sparse_deploy.pruning.sequential import prune_sequential
+from sparse_deploy.pruning.solver import resolve_device
 
 
 @dataclass(frozen=True)

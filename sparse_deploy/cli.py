@@ -444,8 +444,8 @@ def export_command(
     """
     with reported():
         from sparse_deploy.config import ExportConfig
-        from sparse_deploy.export import export
-        from sparse_deploy.export.pipeline import REPORT_NAME
+        from sparse_deploy.exporting import export
+        from sparse_deploy.exporting.pipeline import REPORT_NAME
 
         _writable_file(json_path, "--json")
         if group_size is not None and quantize != QuantizeChoice.int4:

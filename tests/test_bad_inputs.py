@@ -216,7 +216,7 @@ def test_a_nan_weight_is_named_on_load(nan_model, tmp_path, calib_text, command)
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     from sparse_deploy.config import ExportConfig
-    from sparse_deploy.export import export
+    from sparse_deploy.exporting import export
 
     return export(tiny, tmp_path_factory.mktemp("exp") / "onnx", ExportConfig(encoding="dense")).output
 
@@ -349,7 +349,7 @@ def test_export_and_generate_write_json(tiny, tmp_path):
 def test_export_warns_when_top1_agreement_is_low(tiny, tmp_path, monkeypatch):
     import dataclasses
 
-    import sparse_deploy.export as export_package
+    import sparse_deploy.exporting as export_package
 
     real_export = export_package.export
 

@@ -120,7 +120,7 @@ def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_vocabu
     from transformers import BertConfig
 
     from sparse_deploy.errors import ModelLoadError
-    from sparse_deploy.export.validate import validation_ids
+    from sparse_deploy.exporting.validate import validation_ids
     from sparse_deploy.hf import load_tokenizer
 
     BertConfig(vocab_size=100).save_pretrained(tmp_path)  # transformers 5 builds a specials-only BertTokenizer here

@@ -22,9 +22,9 @@ from sparse_deploy.config import DEFAULT_TOLERANCES, SparsitySpec
 from sparse_deploy.errors import (
     ExportMismatchError, ModelLoadError, OutputExistsError, UnsupportedModelError,
 )
-from sparse_deploy.export import REPORT_NAME, SparseEncodingWarning
-from sparse_deploy.export.sparse_encoding import densify, read_packed
-from sparse_deploy.prune import magnitude
+from sparse_deploy.exporting import REPORT_NAME, SparseEncodingWarning
+from sparse_deploy.exporting.sparse_encoding import densify, read_packed
+from sparse_deploy.pruning import magnitude
 
 DECODE_OPS = {"CumSum", "GatherElements"}
 INTEGER_OPS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from tiny_models import TINY_CONFIGS
 from sparse_deploy.adapters import REGISTRY
-from sparse_deploy.export.torch_export import export_graph
+from sparse_deploy.exporting.torch_export import export_graph
 
 TOLERANCE = 1e-4  # relative to max |torch|; fp32 exports measure ~1e-7
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_deploy.export.sparse_encoding import (
+from sparse_deploy.exporting.sparse_encoding import (
     coo_nbytes, densify, encode, initializer_bytes, pack, packed_nbytes, plan, read_packed, unpack, write_dense,
     weight_names,
 )

@@ -4,7 +4,7 @@ from conftest import correlated_inputs, hessian_of
 
 from sparse_deploy.config import SparsitySpec
 from sparse_deploy.errors import InvalidInputError
-from sparse_deploy.prune import HessianAccumulator, magnitude, wanda
+from sparse_deploy.pruning import HessianAccumulator, magnitude, wanda
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

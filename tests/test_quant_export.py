@@ -17,8 +17,8 @@ from sparse_deploy.api import prune
 from sparse_deploy.formats.checkpoint import read_grids
 from sparse_deploy.config import CalibrationConfig, PruneConfig, QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ExportError
-from sparse_deploy.export.quantize import INT4_SUFFIX, unpack_int4
-from sparse_deploy.export.sparse_encoding import read_packed
+from sparse_deploy.exporting.quantize import INT4_SUFFIX, unpack_int4
+from sparse_deploy.exporting.sparse_encoding import read_packed
 
 
 def pruned(folder, calib, quant):

@@ -13,7 +13,7 @@ from reference_sparsegpt import reference_prune_quant
 from sparse_deploy import grids
 from sparse_deploy.config import PruneConfig, QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError
-from sparse_deploy.prune import sparsify
+from sparse_deploy.pruning import sparsify
 
 NUMBA = SolverConfig(device="cpu", sweep="numba")
 TORCH = SolverConfig(device="cpu", sweep="torch")

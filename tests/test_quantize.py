@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy import grids
-from sparse_deploy.export.quantize import QUANT_SUFFIX, quantize_int8
+from sparse_deploy.exporting.quantize import QUANT_SUFFIX, quantize_int8
 
 INT16_MIN, INT16_MAX = -32768, 32767
 
@@ -129,7 +129,7 @@ def int4_reference(B: np.ndarray, group_size: int) -> np.ndarray:
 def test_int4_packing_round_trips_against_reference_and_onnxruntime(k, group_size):
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    from sparse_deploy.export.quantize import pack_int4, unpack_int4
+    from sparse_deploy.exporting.quantize import pack_int4, unpack_int4
 
     rng = np.random.default_rng(k + group_size)
     B = heavy_tailed(rng, k, 12)
@@ -155,7 +155,7 @@ def test_int4_packing_round_trips_against_reference_and_onnxruntime(k, group_siz
 def test_int4_matmulnbits_runs_as_the_numpy_reference(k, group_size):
     import onnxruntime as ort
 
-    from sparse_deploy.export.quantize import quantize_int4
+    from sparse_deploy.exporting.quantize import quantize_int4
 
     rng = np.random.default_rng(k)
     B = heavy_tailed(rng, k, 16)
@@ -210,8 +210,8 @@ def test_int4_export_runs_matmulnbits_and_keeps_zeros(pruned_opt, tmp_path):
 
     from sparse_deploy import ExportConfig, export
     from sparse_deploy.config import DEFAULT_TOLERANCES
-    from sparse_deploy.export import REPORT_NAME
-    from sparse_deploy.export.quantize import INT4_SUFFIX, unpack_int4
+    from sparse_deploy.exporting import REPORT_NAME
+    from sparse_deploy.exporting.quantize import INT4_SUFFIX, unpack_int4
 
     out = tmp_path / "int4"
     report = export(pruned_opt, out, ExportConfig(quantize="int4", group_size=64))

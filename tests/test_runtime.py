@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_deploy.api import evaluate
 from sparse_deploy.config import CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, SolverConfig
-from sparse_deploy.export import export
+from sparse_deploy.exporting import export
 from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
 from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed, generate
 from sparse_deploy.runtime.bench import BenchConfig, benchmark

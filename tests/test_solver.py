@@ -11,9 +11,9 @@ from reference_sparsegpt import reference_prune
 
 from sparse_deploy.config import SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
-from sparse_deploy.prune import magnitude, sparsify, wanda
-from sparse_deploy.prune.cpu_sweep import select_lowest
-from sparse_deploy.prune.solver import _select_lowest
+from sparse_deploy.pruning import magnitude, sparsify, wanda
+from sparse_deploy.pruning.cpu_sweep import select_lowest
+from sparse_deploy.pruning.solver import _select_lowest
 
 NUMBA = SolverConfig(device="cpu", sweep="numba")
 TORCH = SolverConfig(device="cpu", sweep="torch")

@@ -10,7 +10,7 @@ from tiny_models import make_tiny
 
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import KernelsUnavailableError
-from sparse_deploy.export import export
+from sparse_deploy.exporting import export
 from sparse_deploy.formats.export_info import read_export_info
 from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig
 from sparse_deploy.runtime import session as session_module

@@ -4,7 +4,7 @@ For each chunk of whole rows of a weight [R, C], the model holds two initializer
 (a bit per weight of the flattened chunk, uint8, least significant bit first) and ``{name}.packed.{k}.values`` (the
 chunk's nonzero values in row-major order behind one leading zero), plus ``{name}.packed.shape`` ([R, C], int64).
 Export writes them together with a subgraph of standard ops that rebuilds the dense weight (see
-``sparse_deploy.export.sparse_encoding``); this module is the reader and writer every stage shares:
+``sparse_deploy.exporting.sparse_encoding``); this module is the reader and writer every stage shares:
 ``pack``/``unpack`` (numpy reference), ``read_packed`` (one weight of a model), ``densify`` and ``write_dense``
 (the decode subgraphs replaced by the decoded arrays), and ``decoder_nodes`` (which nodes belong to a decode).
 """

@@ -15,7 +15,7 @@ import torch
 
 from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
-from sparse_deploy.prune.quant import group_params, sweep_quant_torch
+from sparse_deploy.pruning.quant import group_params, sweep_quant_torch
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def sparsify(
     full_mask = torch.zeros((rows, cols), dtype=torch.bool, device=device)
     loss = torch.zeros(rows, dtype=torch.float32, device=device)
     if sweep == "numba":
-        from sparse_deploy.prune import cpu_sweep
+        from sparse_deploy.pruning import cpu_sweep
 
         scratch = np.empty(rows * min(blocksize, cols), dtype=np.float32)  # the mask selection's scores
 
@@ -313,7 +313,7 @@ def _sweep_quant_block(W1, U1, mask1, n, m, err, loss, Wf, scales, zeros, i1, i2
         s1 = scales[:, g0:g1].contiguous()
         z1 = zeros[:, g0:g1].contiguous()
     if sweep == "numba":
-        from sparse_deploy.prune import cpu_sweep
+        from sparse_deploy.pruning import cpu_sweep
 
         lo, hi = quant.qrange
         cpu_sweep.sweep_block_quant(W1.numpy(), U1.numpy(), mask1.numpy(), n, m, row_chunk, err.numpy(),

@@ -11,7 +11,7 @@ import math
 import torch
 
 from sparse_deploy.config import SparsitySpec
-from sparse_deploy.prune.solver import PruneResult, _select_lowest, check_problem
+from sparse_deploy.pruning.solver import PruneResult, _select_lowest, check_problem
 
 
 def lowest_mask(scores: torch.Tensor, spec: SparsitySpec, *, per_row: bool) -> torch.Tensor:

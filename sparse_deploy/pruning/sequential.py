@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig, SolverConfig
 from sparse_deploy.errors import ConfigError
-from sparse_deploy.prune.baselines import magnitude, wanda
-from sparse_deploy.prune.hessian import HessianAccumulator
-from sparse_deploy.prune.solver import PruneResult, resolve_device, sparsify
+from sparse_deploy.pruning.baselines import magnitude, wanda
+from sparse_deploy.pruning.hessian import HessianAccumulator
+from sparse_deploy.pruning.solver import PruneResult, resolve_device, sparsify
 
 
 @dataclass(frozen=True)

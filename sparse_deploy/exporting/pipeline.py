@@ -20,10 +20,10 @@ import onnx
 from sparse_deploy import __version__
 from sparse_deploy.config import ExportConfig
 from sparse_deploy.errors import ExportError, first_line
-from sparse_deploy.export.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
-from sparse_deploy.export.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_int8, quantize_int4, quantize_int8
-from sparse_deploy.export.sparse_encoding import TensorEncoding, encode, opset_version, plan
-from sparse_deploy.export.validate import ParityReport, check_parity, validation_ids
+from sparse_deploy.exporting.onnx_export import MODEL_FILE, export_onnx, load_source, parameter_names, save_model
+from sparse_deploy.exporting.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_int8, quantize_int4, quantize_int8
+from sparse_deploy.exporting.sparse_encoding import TensorEncoding, encode, opset_version, plan
+from sparse_deploy.exporting.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
 from sparse_deploy.formats.export_info import EXPORT_INFO_NAME, FORMAT_VERSION, write_export_info
 from sparse_deploy.integrity import DIGEST_KEY, file_digests

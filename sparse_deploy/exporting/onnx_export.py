@@ -22,8 +22,8 @@ import onnx
 
 from sparse_deploy.formats.checkpoint import Manifest, read_manifest
 from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
-from sparse_deploy.export.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
-from sparse_deploy.export.torch_export import DECODER_TASK, ENCODER_TASK, export_graph
+from sparse_deploy.exporting.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
+from sparse_deploy.exporting.torch_export import DECODER_TASK, ENCODER_TASK, export_graph
 from sparse_deploy.hf import check_finite_weights, no_loading_bars, remote_code_refused
 
 MODEL_FILE = "model.onnx"

@@ -38,6 +38,18 @@ def hessian_of(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * X.T @ X
 
 
+def solver_problem(rows: int, cols: int, seed: int = 0, n: int = 2048):
+    """A weight matrix [rows, cols], correlated inputs [n, cols] and their Hessian: one layer's pruning problem."""
+    X = correlated_inputs(n, cols, seed=seed)
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1))
+    return W, X, hessian_of(X)
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    """‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖²"""
+    return float(((W - W_hat) @ X.T).square().sum() / (W @ X.T).square().sum())
+
+
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     """50k characters of real text (WikiText-2 validation) for fast calibration."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import correlated_inputs, hessian_of
+from conftest import relative_error, solver_problem as problem
 from reference_sparsegpt import reference_prune_quant
 
 from sparse_deploy import grids
@@ -19,16 +19,6 @@ NUMBA = SolverConfig(device="cpu", sweep="numba")
 TORCH = SolverConfig(device="cpu", sweep="torch")
 QUANTS = [QuantSpec(8, None), QuantSpec(4, 128), QuantSpec(4, 32), QuantSpec(4, 64, symmetric=False)]
 SPECS = [SparsitySpec.unstructured(0.5), SparsitySpec.pattern("2:4"), SparsitySpec.unstructured(0.0)]
-
-
-def problem(rows: int, cols: int, seed: int = 0, n: int = 2048):
-    X = correlated_inputs(n, cols, seed=seed)
-    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1))
-    return W, X, hessian_of(X)
-
-
-def relative_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
-    return float(((W - W_hat) @ X.T).square().sum() / (W @ X.T).square().sum())
 
 
 def on_grid(result, quant: QuantSpec) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import correlated_inputs, hessian_of
+from conftest import hessian_of, relative_error, solver_problem as problem
 from reference_sparsegpt import reference_prune
 
 from sparse_deploy.config import SolverConfig, SparsitySpec
@@ -19,17 +19,6 @@ NUMBA = SolverConfig(device="cpu", sweep="numba")
 TORCH = SolverConfig(device="cpu", sweep="torch")
 SPECS = [SparsitySpec.unstructured(0.5), SparsitySpec.unstructured(0.7), SparsitySpec.pattern("2:4"),
          SparsitySpec.pattern("4:8"), SparsitySpec.pattern("1:4")]
-
-
-def problem(rows: int, cols: int, seed: int = 0, n: int = 2048):
-    X = correlated_inputs(n, cols, seed=seed)
-    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1))
-    return W, X, hessian_of(X)
-
-
-def relative_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
-    """‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖²"""
-    return float(((W - W_hat) @ X.T).square().sum() / (W @ X.T).square().sum())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

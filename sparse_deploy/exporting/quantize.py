@@ -156,12 +156,7 @@ def quantize_int8(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), given
             helper.make_node("Cast", [f"{y}.int32"], [f"{y}.float"], name=f"{prefix}.cast", to=onnx.TensorProto.FLOAT),
             helper.make_node("Mul", [f"{y}.float", scale], [y], name=f"{prefix}.rescale"),
         ]
-    used = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used or init.name not in set(weights)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
+    _splice(graph, nodes, added, replaced=set(weights))
     return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
 
 
@@ -265,15 +260,21 @@ def quantize_int4(prepared: onnx.ModelProto, untied: tuple[str, ...] = (), group
             name=f"{node.name or f'sparse_deploy.matmul.{k}'}.nbits", domain="com.microsoft",
             K=rows, N=cols, bits=4, block_size=group_size, accuracy_level=INT4_ACCURACY_LEVEL,
         ))
+    _splice(graph, nodes, added, replaced=set(weights))
+    if not any(op.domain == "com.microsoft" for op in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
+
+
+def _splice(graph: onnx.GraphProto, nodes: list, added: list, replaced: set[str]) -> None:
+    """Make ``nodes`` the graph's nodes and add the ``added`` initializers; a ``replaced`` float weight stays only
+    if a node still reads it (e.g. a tied embedding that a Gather also uses)."""
     used = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used or init.name not in set(weights)]
+    kept = [init for init in graph.initializer if init.name in used or init.name not in replaced]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
-    if not any(op.domain == "com.microsoft" for op in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return QuantizeResult(model=out, quantized=tuple(weights), untied=untied)
 
 
 def _float_weight_matmuls(graph: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:

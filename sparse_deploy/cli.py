@@ -330,8 +330,8 @@ def bench(
 ) -> None:
     """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
     with reported():
-        from sparse_deploy.report import format_comparison, plot_comparison
-        from sparse_deploy.runtime.bench import BenchConfig, benchmark
+        from sparse_deploy.bench.report import format_comparison, plot_comparison
+        from sparse_deploy.bench import BenchConfig, benchmark
 
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")

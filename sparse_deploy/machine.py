@@ -39,10 +39,15 @@ class MachineInfo:
         return f"{self.cpu}, {self.cores} cores, Python {self.python}, {versions}"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one): the default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_info(packages: tuple[str, ...] = ("torch", "numba", "onnxruntime", "transformers")) -> MachineInfo:
     return MachineInfo(
         cpu=cpu_model(),
-        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        cores=usable_cores(),
         python=platform.python_version(),
         versions={name: package_version(name) for name in packages},
     )

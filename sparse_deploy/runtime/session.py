@@ -9,7 +9,6 @@ outputs ``logits``, ``present.{i}.key/value``) or an ``encoder`` (output ``last_
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -241,10 +240,6 @@ def load_tokenizer(folder: Path):
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _read_json(path: Path) -> dict:

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prune": "sparse_deploy.api",
-    "evaluate": "sparse_deploy.api",
+    "evaluate": "sparse_deploy.evaluation",
     "PruneReport": "sparse_deploy.api",
-    "EvalReport": "sparse_deploy.api",
+    "EvalReport": "sparse_deploy.evaluation",
     "PruneConfig": "sparse_deploy.config",
     "CalibrationConfig": "sparse_deploy.config",
     "EvalConfig": "sparse_deploy.config",

@@ -1,4 +1,5 @@
-"""Facts about the machine a measurement ran on. Imports neither torch nor onnxruntime."""
+"""Facts about the machine: its CPU, cores, memory, package versions, and which torch device ``auto`` means.
+Imports neither torch nor onnxruntime at import time."""
 
 from __future__ import annotations
 
@@ -83,3 +84,16 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def resolve_device(device: str):
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error. A ``torch.device``."""
+    import torch
+
+    from sparse_deploy.errors import ConfigError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)

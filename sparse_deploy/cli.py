@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from sparse_deploy import __version__, api
-from sparse_deploy.config import (CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
+from sparse_deploy.config import (MIN_OPSET, CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
                                   SparsitySpec)
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
@@ -425,7 +425,7 @@ def export_command(
     group_size: Optional[int] = typer.Option(
         None, "--group-size", help="int4 only: input columns per 4-bit scale, 32, 64 or 128 [default: 32].",
     ),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
+    opset: Optional[int] = typer.Option(None, "--opset", help=f"ONNX opset, {MIN_OPSET} or newer; default: the exporter's for the model."),
     ops: OpsChoice = typer.Option(
         OpsChoice.standard, "--ops",
         help="standard: the portable file (any ONNX Runtime; sparse-deploy's runtime swaps in its sparse kernels "

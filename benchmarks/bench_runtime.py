@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -32,10 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_export import SHARED, make_checkpoint, spec_of  # noqa: E402
+from common import SHARED, make_checkpoint, spec_of
 
 from sparse_deploy import ExportConfig, export  # noqa: E402
 from sparse_deploy.bench import BenchConfig, Comparison, measure_in_subprocess  # noqa: E402

@@ -248,7 +248,7 @@ def inspect(
         _writable_file(json_path, "--json")
         result = inspect_checkpoint(folder)
         pruned = {w.name for w in result.pruned()}
-        errors = {rec.weight_name: rec.rel_error for rec in result.manifest.layers} if result.manifest else {}
+        errors = result.rel_errors
         width = max((len(w.name) for w in result.weights), default=10)
         typer.echo(f"{'weight':<{width}}  {'shape':>13}  {'sparsity':>8}  {'pattern':>7}  rel. error")
         for w in result.weights:
@@ -258,10 +258,8 @@ def inspect(
             error_text = f"{error:.2e}" if error is not None else "-"
             typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-':>7}  "
                        f"{error_text}{mark}")
-        chosen = result.pruned()
-        params = sum(w.numel for w in chosen)
-        zeros = sum(w.zeros for w in chosen)
-        typer.echo(f"pruned matrices: {len(chosen)}, {zeros:,} of {params:,} weights zero "
+        params, zeros = result.pruned_params, result.pruned_zeros
+        typer.echo(f"pruned matrices: {len(pruned)}, {zeros:,} of {params:,} weights zero "
                    f"({percent(zeros / params if params else 0, 2)})")
         typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
                    f"({percent(result.total_zeros / max(result.total_params, 1), 2)})")
@@ -272,14 +270,7 @@ def inspect(
             typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity * 100:g}%'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
         if json_path:
-            _write_json(json_path, {
-                "folder": str(result.folder),
-                "weights": [{"name": w.name, "shape": list(w.shape), "zeros": w.zeros, "numel": w.numel,
-                             "sparsity": w.sparsity, "pattern": w.pattern, "pruned": w.name in pruned,
-                             "rel_error": errors.get(w.name)} for w in result.weights],
-                "pruned_zeros": zeros, "pruned_params": params,
-                "total_zeros": result.total_zeros, "total_params": result.total_params,
-            })
+            _write_json(json_path, result.to_json())
         typer.echo(_availability_line())
 
 
@@ -366,8 +357,6 @@ def generate(
         from sparse_deploy.runtime import ExportedModel, SessionConfig
         from sparse_deploy.runtime import generate as run_generate
 
-        if max_new_tokens < 1:
-            raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
         model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify, kernels=kernels.value))
         continuation = run_generate(model, prompt, max_new_tokens)
         typer.echo(prompt + continuation)
@@ -453,7 +442,7 @@ def export_command(
         config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
                               group_size=32 if group_size is None else group_size, ops=ops.value,
                               trust_remote_code=trust_remote_code)
-        report = export(checkpoint, output, config, force=force, progress=True)
+        report = export(checkpoint, output, config, force=force)
         encoded = report.encoded
         typer.echo(f"wrote {report.output} ({_mb(report.model_bytes)} of model files, {report.task})")
         if encoded:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -19,6 +21,28 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def user_cache_dir() -> Path:
+    """Where sparse-deploy keeps what it measures or compiles once per machine: $SPARSE_DEPLOY_CACHE, else
+    $XDG_CACHE_HOME/sparse-deploy, else ~/.cache/sparse-deploy."""
+    if os.environ.get("SPARSE_DEPLOY_CACHE"):
+        return Path(os.environ["SPARSE_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse-deploy"
+
+
+def use_user_numba_cache() -> None:
+    """Keep numba's compiled kernels (``cache=True``) in the user cache folder, unless NUMBA_CACHE_DIR says where:
+    by default numba writes them into ``__pycache__`` beside the source, which for an editable install is the
+    source tree. numba reads NUMBA_CACHE_DIR when it is first imported (and again before each compilation), so
+    call this before ``import numba``."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    os.environ["NUMBA_CACHE_DIR"] = str(user_cache_dir() / "numba")
+    config = sys.modules.get("numba.core.config")
+    if config is not None:  # numba was imported first: have it read the environment again
+        config.reload_config()
 
 
 def package_version(name: str) -> str | None:
@@ -65,7 +89,6 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     import resource
-    import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -231,7 +231,7 @@ def export(
     config: ExportConfig | None = None,
     *,
     force: bool = False,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ExportReport:
     """Export a (pruned) checkpoint folder to an ONNX folder; see ``ExportConfig`` for the settings.
 

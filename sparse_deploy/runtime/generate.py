@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from sparse_deploy.errors import InvalidInputError, NonFiniteError, RuntimeSessionError
+from sparse_deploy.errors import ConfigError, InvalidInputError, NonFiniteError, RuntimeSessionError
 from sparse_deploy.runtime.session import ORT_ERRORS, ExportedModel
 
 
@@ -98,6 +98,8 @@ class DecoderRunner:
 
 def generate(model: ExportedModel, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy continuation of ``prompt`` as text (the prompt itself not repeated)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
     ids = np.array([model.tokenizer.encode(prompt).ids], dtype=np.int64)
     if ids.shape[1] == 0:
         raise InvalidInputError("the prompt is empty after tokenization")

@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from sparse_deploy import __version__, api
+from sparse_deploy import __version__, api, evaluation
 from sparse_deploy.config import (MIN_OPSET, CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
                                   SparsitySpec)
 from sparse_deploy.errors import ConfigError, SparseDeployError
@@ -228,7 +228,7 @@ def eval_(
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
                             device=device, trust_remote_code=trust_remote_code,
                             verify=not no_verify, kernels=kernels.value)  # type: ignore[arg-type]
-        report = api.evaluate(model, config)
+        report = evaluation.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
                        f"{report.seqlen} tokens)")

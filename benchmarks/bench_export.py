@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, make_checkpoint, spec_of
 
 from sparse_deploy import ExportConfig, export  # noqa: E402
-from sparse_deploy.config import SparsitySpec  # noqa: E402
 from sparse_deploy.machine import machine_info  # noqa: E402
-from sparse_deploy.pruning import magnitude  # noqa: E402
 
-SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
 VARIANTS = {
     "dense": ExportConfig(encoding="dense"),
     "coo": ExportConfig(encoding="coo"),
@@ -92,26 +87,6 @@ class ExportMeasure:
     rel_diff: float
     top1_agreement: float | None
     export_s: float
-
-
-def spec_of(text: str) -> SparsitySpec:
-    return SparsitySpec.pattern(text) if ":" in text else SparsitySpec.unstructured(float(text))
-
-
-def make_checkpoint(spec: SparsitySpec, folder: Path) -> Path:
-    """OPT-125m shape, random weights, decoder-block Linear weights magnitude-pruned to ``spec``."""
-    import torch
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig.from_pretrained(SHARED / "tokenizers" / "opt")).eval()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                module.weight.copy_(magnitude(module.weight, None, spec).weight)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "opt").save_pretrained(folder)
-    return folder
 
 
 def measure_load(path: Path, repeat: int, staged: bool = False) -> tuple[float, int, int]:

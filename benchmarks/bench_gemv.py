@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import ROOT  # noqa: F401  (the checkout first on sys.path)
 from sparse_deploy.runtime import kernels  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"

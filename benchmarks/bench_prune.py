@@ -21,8 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
+from common import SHARED
 MODES = {"quick": (16, 512), "full": (128, 2048)}
 
 

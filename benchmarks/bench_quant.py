@@ -22,16 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT))
+from common import SHARED  # noqa: E402
 
 
 ROWS = ("sparse", "int8", "rtn8", "int4", "rtn4", "gptq4", "rtn4-dense")

@@ -14,7 +14,7 @@ decode_tokens_per_s, prefill_ms, load_s, peak_rss_mb, isa.
 
 Variants, each exported by ``sparse_deploy.exporting`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
-``sparse_deploy.runtime.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
+``sparse_deploy.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
 (MatMulNBits), and the checkpoint under PyTorch eager. Then the per-token cost of the runtime's Python wrapper: the
 same greedy decode driven by a bare ``run_with_ort_values`` loop, by ``DecoderRunner``, and (when optimum is
 installed, which sparse-deploy no longer needs) by optimum's ``ORTModelForCausalLM``.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -32,13 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_export import SHARED, make_checkpoint, spec_of  # noqa: E402
+from common import SHARED, make_checkpoint, spec_of
 
 from sparse_deploy import ExportConfig, export  # noqa: E402
-from sparse_deploy.runtime.bench import BenchConfig, Comparison, measure_in_subprocess  # noqa: E402
+from sparse_deploy.bench import BenchConfig, Comparison, measure_in_subprocess  # noqa: E402
 
 VARIANTS = {
     "dense fp32": ExportConfig(encoding="dense"),

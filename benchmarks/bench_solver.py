@@ -20,17 +20,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-import sys
-from pathlib import Path
-
+import common  # noqa: F401  (puts the checkout and tests/ on sys.path)
 import torch
+from reference_sparsegpt import reference_prune
 
 from sparse_deploy.config import SolverConfig, SparsitySpec
 from sparse_deploy.machine import machine_info
 from sparse_deploy.pruning.solver import sparsify
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_sparsegpt import reference_prune  # noqa: E402
 
 DEFAULT_SHAPES = "768x768,3072x768,768x3072,4096x4096,11008x4096"
 

@@ -28,7 +28,7 @@ from sparse_deploy import (
     export,
     prune,
 )
-from sparse_deploy.report import format_comparison, plot_comparison
+from sparse_deploy.bench.report import format_comparison, plot_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prune": "sparse_deploy.api",
-    "evaluate": "sparse_deploy.api",
+    "evaluate": "sparse_deploy.evaluation",
     "PruneReport": "sparse_deploy.api",
-    "EvalReport": "sparse_deploy.api",
+    "EvalReport": "sparse_deploy.evaluation",
     "PruneConfig": "sparse_deploy.config",
     "CalibrationConfig": "sparse_deploy.config",
     "EvalConfig": "sparse_deploy.config",
@@ -25,8 +25,8 @@ _EXPORTS = {
     "SparsitySpec": "sparse_deploy.config",
     "QuantSpec": "sparse_deploy.config",
     "inspect_checkpoint": "sparse_deploy.inspection",
-    "benchmark": "sparse_deploy.runtime.bench",
-    "BenchConfig": "sparse_deploy.runtime.bench",
+    "benchmark": "sparse_deploy.bench",
+    "BenchConfig": "sparse_deploy.bench",
     "export": "sparse_deploy.exporting.pipeline",
     "ExportConfig": "sparse_deploy.config",
     "ExportReport": "sparse_deploy.exporting",

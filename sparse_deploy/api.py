@@ -1,8 +1,8 @@
-"""The public API: ``prune`` a Hugging Face model into a checkpoint folder, ``evaluate`` a model folder."""
+"""The public API: ``prune`` a Hugging Face model into a checkpoint folder; ``evaluate`` (``sparse_deploy.evaluation``)
+a model folder."""
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -12,54 +12,22 @@ import torch
 
 from sparse_deploy import __version__
 from sparse_deploy.formats.checkpoint import SCALES_NAME, LayerRecord, Manifest, write_manifest, write_scales
-from sparse_deploy.config import EvalConfig, PruneConfig
+from sparse_deploy.config import PruneConfig
 from sparse_deploy.data.calibration import calibration_windows, tokenize
-from sparse_deploy.data.perplexity import Perplexity, perplexity
-from sparse_deploy.data.similarity import embed, mean_cosine, sentences_of
-from sparse_deploy.data.text import load_text
-from sparse_deploy.errors import ConfigError, NonFiniteError
+from sparse_deploy.errors import ConfigError
+from sparse_deploy.evaluation import EvalReport, evaluate  # noqa: F401  (part of this module's API)
 from sparse_deploy.hf import (
-    copy_side_files, load_model, load_tokenizer, max_context, no_loading_bars, resolve_source,
+    copy_side_files, default_seqlen, load_model, load_tokenizer, no_loading_bars, resolve_source,
 )
 from sparse_deploy.io import check_output, staged_output
-from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes
+from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes, resolve_device
 from sparse_deploy.pruning.sequential import prune_sequential
-from sparse_deploy.pruning.solver import resolve_device
 
 
 @dataclass(frozen=True)
 class PruneReport:
     output: Path
     manifest: Manifest
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """``perplexity`` for causal LMs; ``mean_cosine`` (against ``reference``) for encoders."""
-
-    model: str
-    dataset: str
-    kind: str  # "perplexity" | "cosine"
-    seqlen: int
-    perplexity: float | None = None
-    nll: float | None = None
-    tokens: int | None = None
-    windows: int | None = None
-    mean_cosine: float | None = None
-    sentences: int | None = None
-    reference: str | None = None
-    backend: str = "torch"
-
-
-def default_seqlen(config, requested: int | None) -> int:
-    """``requested``, or min(2048, the model's maximum context); a request beyond the context is an error."""
-    limit = max_context(config)
-    if requested is None:
-        return min(2048, limit) if limit else 2048
-    if limit and requested > limit:
-        raise ConfigError(f"--seqlen {requested} is longer than the model's context of {limit} tokens; pass "
-                          f"--seqlen {limit} or less")
-    return requested
 
 
 def check_activation_memory(net, config: PruneConfig, seqlen: int) -> None:
@@ -154,91 +122,3 @@ def _write_grid(stage: Path, config: PruneConfig, report) -> dict:
     return {"bits": quant.bits, "group_size": quant.group_size, "symmetric": quant.symmetric, "scheme": scheme,
             "qmin": lo, "qmax": hi, "scales_file": SCALES_NAME, "weights": len([k for k in tensors
                                                                                 if k.endswith(".scales")])}
-
-
-def evaluate(model: str | Path, config: EvalConfig = EvalConfig(), *, progress: bool = True) -> EvalReport:
-    """Perplexity of a causal LM on ``config.dataset``'s test text; for an encoder, the mean cosine between its
-    sentence embeddings and ``config.reference``'s on the text's lines. ``model`` is a checkpoint folder (run
-    with torch) or an exported folder holding model.onnx (run with ONNX Runtime, same tokenizer and protocol)."""
-    if (Path(model) / "model.onnx").exists():
-        return _evaluate_onnx(Path(model), config, progress)
-    source = resolve_source(str(model))
-    net, adapter = load_model(source, config.trust_remote_code)
-    device = resolve_device(config.device)
-    if device.type == "cpu":
-        net = net.float()
-    net.to(device)
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
-    text = load_text(config.dataset, "test", config.max_chars)
-    _check_reference(adapter.kind, config)
-    if adapter.kind == "decoder":
-        seqlen = default_seqlen(net.config, config.seqlen)
-        result: Perplexity = perplexity(net, tokenize(tokenizer, text), seqlen, batch_size=config.batch_size,
-                                        device=device, progress=progress)
-        return EvalReport(str(model), config.dataset, "perplexity", seqlen, perplexity=result.perplexity,
-                          nll=result.nll, tokens=result.tokens, windows=result.windows)
-    if config.reference is None:
-        raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
-    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
-    reference = (reference.float() if device.type == "cpu" else reference).to(device)
-    sentences = sentences_of(text)
-    max_length = config.seqlen or 128
-    ours = embed(net, tokenizer, sentences, max_length=max_length, device=device)
-    theirs = embed(reference, tokenizer, sentences, max_length=max_length, device=device)
-    return EvalReport(str(model), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
-                      sentences=len(sentences), reference=config.reference)
-
-
-def _finite_cosine(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    value = float(mean_cosine(ours, theirs))
-    if not math.isfinite(value):
-        raise NonFiniteError(f"the mean cosine is {value}: the embeddings hold NaN or infinite values (a broken "
-                             f"checkpoint or export)")
-    return value
-
-
-def _check_reference(kind: str, config: EvalConfig) -> None:
-    if kind == "decoder" and config.reference is not None:
-        raise ConfigError("--reference applies to encoders; a decoder is evaluated by perplexity")
-
-
-def _evaluate_onnx(folder: Path, config: EvalConfig, progress: bool) -> EvalReport:
-    """The same protocols through ONNX Runtime: logits of whole windows, or mean-pooled embeddings."""
-    from tqdm.auto import tqdm
-
-    from sparse_deploy.data.perplexity import nll_sum, summarise, windows_of
-    from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed as onnx_embed
-
-    if config.device == "cuda":
-        raise ConfigError("an exported folder is evaluated with ONNX Runtime on the CPU; --device cuda applies to "
-                          "checkpoint folders only")
-    exported = ExportedModel(folder, SessionConfig(verify=config.verify, kernels=config.kernels))
-    _check_reference(exported.info.kind, config)
-    tokenizer = load_tokenizer(str(folder))
-    text = load_text(config.dataset, "test", config.max_chars)
-    if exported.info.kind == "decoder":
-        runner = DecoderRunner(exported)
-        limit = exported.info.max_context
-        if config.seqlen and limit and config.seqlen > limit:
-            raise ConfigError(f"--seqlen {config.seqlen} is longer than the model's context of {limit} tokens; pass "
-                              f"--seqlen {limit} or less")
-        seqlen = config.seqlen or min(2048, limit or 2048)
-        windows = windows_of(tokenize(tokenizer, text), seqlen)
-        batch = config.batch_size or max(1, 4096 // seqlen)
-        total = 0.0
-        for start in tqdm(range(0, windows.shape[0], batch), desc="eval", unit="batch", disable=not progress,
-                          leave=False):
-            ids = windows[start : start + batch]
-            total += nll_sum(torch.from_numpy(runner.logits(ids.numpy())), ids)
-        result = summarise(total, windows)
-        return EvalReport(str(folder), config.dataset, "perplexity", seqlen, perplexity=result.perplexity,
-                          nll=result.nll, tokens=result.tokens, windows=result.windows, backend="onnxruntime")
-    if config.reference is None:
-        raise ConfigError("an encoder is evaluated against a reference model: pass --reference DIR (the dense model)")
-    sentences = sentences_of(text)
-    max_length = config.seqlen or 128
-    ours = torch.from_numpy(onnx_embed(exported, sentences, max_length=max_length))
-    reference, _ = load_model(resolve_source(config.reference), config.trust_remote_code)
-    theirs = embed(reference.float(), tokenizer, sentences, max_length=max_length)
-    return EvalReport(str(folder), config.dataset, "cosine", max_length, mean_cosine=_finite_cosine(ours, theirs),
-                      sentences=len(sentences), reference=config.reference, backend="onnxruntime")

@@ -19,8 +19,8 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from sparse_deploy import __version__, api
-from sparse_deploy.config import (CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
+from sparse_deploy import __version__, api, evaluation
+from sparse_deploy.config import (MIN_OPSET, CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
                                   SparsitySpec)
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
@@ -228,7 +228,7 @@ def eval_(
         config = EvalConfig(dataset=dataset, seqlen=seqlen, max_chars=max_chars, reference=reference,
                             device=device, trust_remote_code=trust_remote_code,
                             verify=not no_verify, kernels=kernels.value)  # type: ignore[arg-type]
-        report = api.evaluate(model, config)
+        report = evaluation.evaluate(model, config)
         if report.kind == "perplexity":
             typer.echo(f"perplexity {report.perplexity:.3f} on {dataset} ({report.windows} windows of "
                        f"{report.seqlen} tokens)")
@@ -248,7 +248,7 @@ def inspect(
         _writable_file(json_path, "--json")
         result = inspect_checkpoint(folder)
         pruned = {w.name for w in result.pruned()}
-        errors = {rec.weight_name: rec.rel_error for rec in result.manifest.layers} if result.manifest else {}
+        errors = result.rel_errors
         width = max((len(w.name) for w in result.weights), default=10)
         typer.echo(f"{'weight':<{width}}  {'shape':>13}  {'sparsity':>8}  {'pattern':>7}  rel. error")
         for w in result.weights:
@@ -258,10 +258,8 @@ def inspect(
             error_text = f"{error:.2e}" if error is not None else "-"
             typer.echo(f"{w.name:<{width}}  {shape:>13}  {percent(w.sparsity, 2):>8}  {w.pattern or '-':>7}  "
                        f"{error_text}{mark}")
-        chosen = result.pruned()
-        params = sum(w.numel for w in chosen)
-        zeros = sum(w.zeros for w in chosen)
-        typer.echo(f"pruned matrices: {len(chosen)}, {zeros:,} of {params:,} weights zero "
+        params, zeros = result.pruned_params, result.pruned_zeros
+        typer.echo(f"pruned matrices: {len(pruned)}, {zeros:,} of {params:,} weights zero "
                    f"({percent(zeros / params if params else 0, 2)})")
         typer.echo(f"all 2-D weights: {result.total_zeros:,} of {result.total_params:,} zero "
                    f"({percent(result.total_zeros / max(result.total_params, 1), 2)})")
@@ -272,14 +270,7 @@ def inspect(
             typer.echo(f"manifest: {m.method}, {m.pattern or f'{m.sparsity * 100:g}%'}, calibrated on "
                        f"{m.calibration['source']} ({m.calibration['nsamples']} x {m.calibration['seqlen']})")
         if json_path:
-            _write_json(json_path, {
-                "folder": str(result.folder),
-                "weights": [{"name": w.name, "shape": list(w.shape), "zeros": w.zeros, "numel": w.numel,
-                             "sparsity": w.sparsity, "pattern": w.pattern, "pruned": w.name in pruned,
-                             "rel_error": errors.get(w.name)} for w in result.weights],
-                "pruned_zeros": zeros, "pruned_params": params,
-                "total_zeros": result.total_zeros, "total_params": result.total_params,
-            })
+            _write_json(json_path, result.to_json())
         typer.echo(_availability_line())
 
 
@@ -330,8 +321,8 @@ def bench(
 ) -> None:
     """Latency, throughput, load time, peak memory and size, side by side with the baselines given."""
     with reported():
-        from sparse_deploy.report import format_comparison, plot_comparison
-        from sparse_deploy.runtime.bench import BenchConfig, benchmark
+        from sparse_deploy.bench.report import format_comparison, plot_comparison
+        from sparse_deploy.bench import BenchConfig, benchmark
 
         _writable_file(json_path, "--json")
         _writable_file(plot, "--plot")
@@ -366,8 +357,6 @@ def generate(
         from sparse_deploy.runtime import ExportedModel, SessionConfig
         from sparse_deploy.runtime import generate as run_generate
 
-        if max_new_tokens < 1:
-            raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
         model = ExportedModel(onnx_dir, SessionConfig(threads=threads, verify=not no_verify, kernels=kernels.value))
         continuation = run_generate(model, prompt, max_new_tokens)
         typer.echo(prompt + continuation)
@@ -425,7 +414,7 @@ def export_command(
     group_size: Optional[int] = typer.Option(
         None, "--group-size", help="int4 only: input columns per 4-bit scale, 32, 64 or 128 [default: 32].",
     ),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14 or newer; default: the exporter's for the model."),
+    opset: Optional[int] = typer.Option(None, "--opset", help=f"ONNX opset, {MIN_OPSET} or newer; default: the exporter's for the model."),
     ops: OpsChoice = typer.Option(
         OpsChoice.standard, "--ops",
         help="standard: the portable file (any ONNX Runtime; sparse-deploy's runtime swaps in its sparse kernels "
@@ -453,7 +442,7 @@ def export_command(
         config = ExportConfig(encoding=encoding.value, quantize=quantize.value, opset=opset,
                               group_size=32 if group_size is None else group_size, ops=ops.value,
                               trust_remote_code=trust_remote_code)
-        report = export(checkpoint, output, config, force=force, progress=True)
+        report = export(checkpoint, output, config, force=force)
         encoded = report.encoded
         typer.echo(f"wrote {report.output} ({_mb(report.model_bytes)} of model files, {report.task})")
         if encoded:

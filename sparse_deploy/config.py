@@ -257,6 +257,9 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+MIN_OPSET = 14  # the first opset with Trilu, which causal masks need
+
+
 def _newest_opset() -> int:
     import onnx
 
@@ -336,8 +339,9 @@ class ExportConfig:
             raise ConfigError("ops custom does not cover int4: its weights are MatMulNBits blocks, not packed; "
                               "use --ops standard")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not 14 <= self.opset <= _newest_opset()):
-            raise ConfigError(f"opset must be an integer from 14 to {_newest_opset()} (14 is the first with Trilu, "
+                                       or not MIN_OPSET <= self.opset <= _newest_opset()):
+            raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {_newest_opset()} ({MIN_OPSET} is the "
+                              f"first with Trilu, "
                               f"which causal masks need; {_newest_opset()} the installed onnx's newest), got "
                               f"{self.opset!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 < self.min_sparsity <= 1.0:

@@ -1,4 +1,6 @@
-"""Loading and saving Hugging Face models, configs and tokenizers, with errors that say what to do."""
+"""Loading and saving Hugging Face models, configs and tokenizers, with errors that say what to do; and the facts
+about a model that the stages share (decoder or encoder: ``model_kind``; context length: ``max_context``).
+The runtime, which never imports torch, reads the same facts from export.json (``formats.export_info``)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 from torch import nn
 
 from sparse_deploy.adapters import Adapter, adapter_for
-from sparse_deploy.errors import InvalidInputError, ModelLoadError, UnsupportedModelError, first_line
+from sparse_deploy.adapters.base import Kind
+from sparse_deploy.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedModelError, first_line
+from sparse_deploy.formats.export_info import CONTEXT_KEYS, context_of
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What travels from a model folder into a pruned checkpoint or an export besides what save_pretrained writes:
@@ -86,36 +90,67 @@ def no_loading_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_config(source: str, trust_remote_code: bool = False):
+def load_config(source: str, trust_remote_code: bool = False, *, local_files_only: bool = False):
+    """The model's transformers config; an architecture transformers does not know is an UnsupportedModelError."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_files_only)
+    except ValueError as exc:
+        raise remote_code_refused(source, exc) or UnsupportedModelError(
+            f"{source}/config.json names an architecture transformers does not know: {first_line(exc)}") from None
+    except (OSError, KeyError, TypeError) as exc:
         raise remote_code_refused(source, exc) or ModelLoadError(
-            f"could not read the model config of {source}: {first_line(exc)}") from None
+            f"could not read the model config of {source} (config.json): {first_line(exc)}") from None
 
 
-def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
-    """The model (weights in the checkpoint's dtype, on the CPU, in eval mode) and its adapter."""
+def model_kind(config) -> Kind:
+    """``decoder`` or ``encoder``: a registered architecture's adapter decides; for other types, a causal-LM
+    architecture name makes a decoder and a model that is neither causal nor encoder-decoder an encoder."""
+    from sparse_deploy.adapters import REGISTRY
+
+    model_type = getattr(config, "model_type", "unknown")
+    adapter = REGISTRY.get(model_type)
+    if adapter is not None:
+        return adapter.kind
+    architectures = tuple(getattr(config, "architectures", None) or ())
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{model_type} ({', '.join(architectures) or 'no architecture'}) is an encoder-decoder model; "
+            f"sparse-deploy exports decoder-only and encoder-only models"
+        )
+    return "decoder" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+
+
+def load_weights(source: str, config, kind: Kind, *, dtype="auto", trust_remote_code: bool = False,
+                 local_files_only: bool = False) -> nn.Module:
+    """The model for ``config`` (a causal LM for decoders, the base model for encoders), on the CPU, in eval mode,
+    its weights checked to be finite."""
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
-    config = load_config(source, trust_remote_code)
-    adapter = adapter_for(getattr(config, "model_type", "unknown"))
-    auto = AutoModelForCausalLM if adapter.kind == "decoder" else AutoModel
+    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
     try:
         with no_loading_bars():
-            model = auto.from_pretrained(
-                source, config=config, dtype="auto", low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+            model = auto.from_pretrained(source, config=config, dtype=dtype, low_cpu_mem_usage=True,
+                                         local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         raise remote_code_refused(source, exc) or ModelLoadError(
-            f"could not load the weights of {source}: {first_line(exc)}") from None
+            f"could not load the weights of {source}: {first_line(exc)} (the weight files could not be loaded; "
+            f"use a good copy)") from None
     check_finite_weights(model.named_parameters(), source)
+    model.eval()
+    return model
+
+
+def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
+    """A registered architecture (weights in the checkpoint's dtype, on the CPU, in eval mode) and its adapter."""
+    config = load_config(source, trust_remote_code)
+    adapter = adapter_for(getattr(config, "model_type", "unknown"))
+    model = load_weights(source, config, adapter.kind, trust_remote_code=trust_remote_code)
     if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModelError(f"{source} has {model.dtype} weights; sparse-deploy prunes float models")
-    model.eval()
     model.config.use_cache = False
     return model, adapter
 
@@ -156,11 +191,23 @@ def has_no_vocabulary(tokenizer) -> bool:
 
 
 def max_context(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The longest sequence a transformers ``config`` takes (export writes it into export.json for the runtime)."""
+    return context_of({key: getattr(config, key, None) for key in CONTEXT_KEYS})
+
+
+def seqlen_within(context: int | None, requested: int | None) -> int:
+    """``requested``, or min(2048, ``context``); a request beyond the context is an error."""
+    if requested is None:
+        return min(2048, context) if context else 2048
+    if context and requested > context:
+        raise ConfigError(f"--seqlen {requested} is longer than the model's context of {context} tokens; pass "
+                          f"--seqlen {context} or less")
+    return requested
+
+
+def default_seqlen(config, requested: int | None) -> int:
+    """``seqlen_within`` the context of a transformers ``config``."""
+    return seqlen_within(max_context(config), requested)
 
 
 def check_finite_weights(named_tensors, source: str | Path) -> None:

@@ -51,6 +51,31 @@ class Inspection:
             return tuple(w for w in self.weights if w.name in names)
         return tuple(w for w in self.weights if w.sparsity > threshold)
 
+    @property
+    def pruned_params(self) -> int:
+        return sum(w.numel for w in self.pruned())
+
+    @property
+    def pruned_zeros(self) -> int:
+        return sum(w.zeros for w in self.pruned())
+
+    @property
+    def rel_errors(self) -> dict[str, float]:
+        """Each pruned weight's reconstruction error, as the manifest records it (empty without one)."""
+        return {rec.weight_name: rec.rel_error for rec in self.manifest.layers} if self.manifest else {}
+
+    def to_json(self) -> dict:
+        """Every row and total: what ``sparse-deploy inspect --json`` writes."""
+        pruned, errors = {w.name for w in self.pruned()}, self.rel_errors
+        return {
+            "folder": str(self.folder),
+            "weights": [{"name": w.name, "shape": list(w.shape), "zeros": w.zeros, "numel": w.numel,
+                         "sparsity": w.sparsity, "pattern": w.pattern, "pruned": w.name in pruned,
+                         "rel_error": errors.get(w.name)} for w in self.weights],
+            "pruned_zeros": self.pruned_zeros, "pruned_params": self.pruned_params,
+            "total_zeros": self.total_zeros, "total_params": self.total_params,
+        }
+
 
 def nm_pattern(weight: torch.Tensor) -> str | None:
     """The first of 2:4, 4:8, 1:4 that every aligned group of m inputs satisfies (at least n zeros), or None.

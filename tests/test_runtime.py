@@ -18,7 +18,7 @@ from sparse_deploy.config import CalibrationConfig, EvalConfig, ExportConfig, Pr
 from sparse_deploy.exporting import export
 from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
 from sparse_deploy.runtime import DecoderRunner, ExportedModel, SessionConfig, embed, generate
-from sparse_deploy.runtime.bench import BenchConfig, benchmark
+from sparse_deploy.bench import BenchConfig, benchmark
 
 
 def export_folder(source, out, encoding="dense"):
@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
 
 
 def test_runtime_import_does_not_import_torch():
-    code = "import sys, sparse_deploy.runtime, sparse_deploy.runtime.bench; print('torch' in sys.modules)"
+    code = "import sys, sparse_deploy.runtime, sparse_deploy.bench; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -5,6 +5,7 @@ exponential of the mean negative log-likelihood over every predicted token."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +49,27 @@ def summarise(total_nll: float, windows: torch.Tensor) -> Perplexity:
     return Perplexity(math.exp(mean), mean, predicted, windows.shape[0], windows.shape[1])
 
 
-@torch.no_grad()
-def perplexity(
-    model, ids: torch.Tensor, seqlen: int, *, batch_size: int | None = None, device: torch.device | str = "cpu",
+def perplexity_of(
+    logits: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, seqlen: int, *, batch_size: int | None = None,
     progress: bool = False,
 ) -> Perplexity:
-    """Perplexity of a causal LM on token ids [N]."""
+    """Perplexity on token ids [N] of any causal LM given as ``logits(windows [B, seqlen]) -> [B, seqlen, V]``."""
     windows = windows_of(ids, seqlen)
     batch_size = batch_size or max(1, 4096 // seqlen)
     total = 0.0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="eval", unit="batch", disable=not progress,
                       leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        total += nll_sum(model(input_ids=batch, use_cache=False).logits, batch)
+        batch = windows[start : start + batch_size]
+        out = logits(batch)
+        total += nll_sum(out, batch.to(out.device))
     return summarise(total, windows)
+
+
+@torch.no_grad()
+def perplexity(
+    model, ids: torch.Tensor, seqlen: int, *, batch_size: int | None = None, device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of a torch causal LM on token ids [N]."""
+    return perplexity_of(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, ids, seqlen,
+                         batch_size=batch_size, progress=progress)

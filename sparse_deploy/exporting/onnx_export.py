@@ -1,7 +1,7 @@
 """Reading a checkpoint folder and exporting it to ONNX with the project's own ``torch.onnx`` exporter.
 
-Decoders (``kind="decoder"`` in their adapter, or ``*ForCausalLM`` / ``*LMHeadModel`` for unregistered types) are
-exported for ``text-generation-with-past`` (a single graph with ``past_key_values.*`` inputs and ``present.*``
+Decoders (``hf.model_kind``: ``kind="decoder"`` in their adapter, or ``*ForCausalLM`` / ``*LMHeadModel`` for
+unregistered types) are exported for ``text-generation-with-past`` (a single graph with ``past_key_values.*`` inputs and ``present.*``
 outputs); encoders (BERT-like) for ``feature-extraction``, giving ``last_hidden_state``. See ``torch_export``.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import onnx
 
 from sparse_deploy.formats.checkpoint import Manifest, read_manifest
-from sparse_deploy.errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
+from sparse_deploy.errors import ExportError, ModelLoadError, first_line
 from sparse_deploy.exporting.sparse_encoding import EXTERNAL_DATA_THRESHOLD, initializer_bytes, weight_names
 from sparse_deploy.exporting.torch_export import DECODER_TASK, ENCODER_TASK, export_graph
-from sparse_deploy.hf import check_finite_weights, no_loading_bars, remote_code_refused
+from sparse_deploy.hf import load_config, load_weights, max_context, model_kind
 
 MODEL_FILE = "model.onnx"
 
@@ -39,6 +39,7 @@ class SourceModel:
     model_type: str
     architecture: str
     manifest: Manifest | None
+    max_context: int | None = None  # hf.max_context of its config
 
     @property
     def decoder(self) -> bool:
@@ -78,35 +79,10 @@ def _stderr_discarded() -> Iterator[None]:
         os.close(saved)
 
 
-def choose_task(config: Any) -> str:
-    """text-generation-with-past for decoders, feature-extraction for encoders; UnsupportedModelError otherwise.
-
-    A registered architecture's adapter decides; for other types, a causal-LM architecture name makes a decoder and a
-    model that is neither causal nor encoder-decoder an encoder."""
-    from sparse_deploy.adapters import REGISTRY
-
-    model_type = config.model_type
-    architectures = tuple(config.architectures or ())
-    adapter = REGISTRY.get(model_type)
-    if adapter is not None:
-        return DECODER_TASK if adapter.kind == "decoder" else ENCODER_TASK
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{model_type} ({', '.join(architectures) or 'no architecture'}) is an encoder-decoder model; "
-            f"sparse-deploy exports decoder-only and encoder-only models"
-        )
-    return DECODER_TASK if causal else ENCODER_TASK
-
-
 def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceModel:
-    """Load a checkpoint folder (a pruned checkpoint or any Hugging Face model folder) for export; the folder's own
-    Python code (``auto_map``) runs only with ``trust_remote_code``."""
-    import pickle
-
+    """Load a checkpoint folder (a pruned checkpoint or any Hugging Face model folder) for export, in float32; the
+    folder's own Python code (``auto_map``) runs only with ``trust_remote_code``."""
     import torch
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,38 +90,21 @@ def load_source(folder: str | Path, trust_remote_code: bool = False) -> SourceMo
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has no config.json")
     manifest = read_manifest(folder)
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        refused = remote_code_refused(folder, exc)
-        if refused is not None:
-            raise refused from None
-        raise UnsupportedModelError(f"{folder}/config.json names an architecture transformers does not know: "
-                                    f"{first_line(exc)}") from exc
-    except (OSError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{folder}/config.json could not be read: {first_line(exc)}") from exc
-    task = choose_task(config)
-    loader = AutoModelForCausalLM if task == DECODER_TASK else AutoModel
-    try:
-        with quiet_libraries(), no_loading_bars():
-            model = loader.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
-                                           trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
-        raise remote_code_refused(folder, exc) or ModelLoadError(
-            f"the weights in {folder} could not be loaded: {first_line(exc)}") from None
-    check_finite_weights(model.named_parameters(), folder)
-    model.eval()
+    config = load_config(str(folder), trust_remote_code, local_files_only=True)
+    kind = model_kind(config)
+    with quiet_libraries():
+        model = load_weights(str(folder), config, kind, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                             local_files_only=True)
     architecture = (config.architectures or [type(model).__name__])[0]
-    return SourceModel(folder, model, task, config.model_type, architecture, manifest)
+    return SourceModel(folder, model, DECODER_TASK if kind == "decoder" else ENCODER_TASK, config.model_type,
+                       architecture, manifest, max_context(config))
 
 
 def export_onnx(source: SourceModel, folder: Path, opset: int | None) -> onnx.ModelProto:
     """Export ``source`` to an in-memory ONNX model (no validation: validate.py does it), and write its config and
-    generation config into ``folder``."""
+    generation config into ``folder``. ``opset`` was checked against the installed onnx by ``ExportConfig``."""
     import torch
 
-    if opset is not None and opset > onnx.defs.onnx_opset_version():
-        raise ExportError(f"opset {opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with quiet_libraries(), _stderr_discarded(), torch.no_grad():  # torch.export reports at length on failures

@@ -25,7 +25,7 @@ from sparse_deploy.exporting.quantize import INT4_SUFFIX, QUANT_SUFFIX, prepare_
 from sparse_deploy.exporting.sparse_encoding import TensorEncoding, encode, opset_version, plan
 from sparse_deploy.exporting.validate import ParityReport, check_parity, validation_ids
 from sparse_deploy.grids import INT4_SCHEME, INT8_SCHEME
-from sparse_deploy.formats.export_info import EXPORT_INFO_NAME, FORMAT_VERSION, write_export_info
+from sparse_deploy.formats.export_info import EXPORT_INFO_NAME, FORMAT_VERSION, TASK_KINDS, write_export_info
 from sparse_deploy.integrity import DIGEST_KEY, file_digests
 from sparse_deploy.io import check_output, staged_output
 from sparse_deploy.machine import package_version
@@ -73,6 +73,7 @@ class ExportReport:
     time_s: float
     warnings: tuple[str, ...] = field(default=())
     checker: str = "full"  # "full" (check_model with full_check=True) or "structural"
+    max_context: int | None = None  # the model's context length (hf.max_context), for the runtime
 
     @property
     def encoded(self) -> tuple[TensorEncoding, ...]:
@@ -102,10 +103,8 @@ class ExportReport:
             "format_version": FORMAT_VERSION,
             "tool_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"model_type": self.model_type, "architecture": self.architecture, "task": self.task},
-            "settings": {**asdict(self.config), "opset": self.opset, "tolerance": self.config.parity_tolerance,
-                         **({"int8_scheme": INT8_SCHEME} if self.config.quantize == "int8" else {}),
-                         **({"int4_scheme": INT4_SCHEME} if self.config.quantize == "int4" else {})},
+            "model": _model_json(self.task, self.model_type, self.architecture, self.max_context),
+            "settings": _settings_json(self.config, self.opset),
             "files": dict(self.files),
             "totals": {
                 "weights": len(self.weights), "encoded_weights": len(self.encoded),
@@ -128,6 +127,17 @@ class ExportReport:
             "versions": {name: package_version(name) for name in
                          ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")},
         }
+
+
+def _model_json(task: str, model_type: str, architecture: str, max_context: int | None) -> dict[str, Any]:
+    return {"model_type": model_type, "architecture": architecture, "task": task, "kind": TASK_KINDS[task],
+            "max_context": max_context}
+
+
+def _settings_json(config: ExportConfig, opset: int) -> dict[str, Any]:
+    return {**asdict(config), "opset": opset, "tolerance": config.parity_tolerance,
+            **({"int8_scheme": INT8_SCHEME} if config.quantize == "int8" else {}),
+            **({"int4_scheme": INT4_SCHEME} if config.quantize == "int4" else {})}
 
 
 def _check(path: Path, full: bool) -> str:
@@ -221,7 +231,7 @@ def export(
     config: ExportConfig | None = None,
     *,
     force: bool = False,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ExportReport:
     """Export a (pruned) checkpoint folder to an ONNX folder; see ``ExportConfig`` for the settings.
 
@@ -267,20 +277,20 @@ def export(
             checker = _check(files[0], full=not any(rec.encoding == "coo" for rec in records))
             _gather_side_files(raw, source.folder, stage, config.trust_remote_code)
             step(5)
-            hf_config = source.model.config
-            ids, input_source = validation_ids(
-                stage, config.validation_text, config.validation_tokens, hf_config.vocab_size,
-                getattr(hf_config, "max_position_embeddings", None),
-            )
-            parity = check_parity(
-                files[0], source.model, ids, decoder=source.decoder, input_source=input_source,
-                tolerance=config.parity_tolerance, work_dir=stage,
-            )
+            # what the runtime needs to open the staged folder as users will; the full export.json replaces it
+            write_export_info(stage, {"model": _model_json(source.task, source.model_type, source.architecture,
+                                                           source.max_context),
+                                      "settings": _settings_json(config, opset)})
+            ids, input_source = validation_ids(stage, config.validation_text, config.validation_tokens,
+                                               source.model.config.vocab_size, source.max_context)
+            parity = check_parity(stage, source.model, ids, decoder=source.decoder, input_source=input_source,
+                                  tolerance=config.parity_tolerance, work_dir=stage)
             report = ExportReport(
                 output=output, files={p.name: p.stat().st_size for p in files}, task=source.task,
                 model_type=source.model_type, architecture=source.architecture, opset=opset, config=config,
                 weights=records, sources=sources, quantized=quantized, untied=untied,
                 parity=parity, time_s=time.perf_counter() - start, warnings=notes, checker=checker,
+                max_context=source.max_context,
             )
             info = {**report.to_json(), DIGEST_KEY: file_digests(stage, report.files)}  # verified on open
             write_export_info(stage, info)

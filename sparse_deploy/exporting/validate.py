@@ -1,4 +1,5 @@
-"""ONNX Runtime against torch on real tokens: the export checks itself and fails loudly with the numbers.
+"""The exported folder run through ``runtime/`` (the path users run) against torch on real tokens: the export checks
+itself and fails loudly with the numbers.
 
 Decoders are compared on a prompt (empty KV cache) and on one more token decoded with the cache the prompt
 produced, so the cache path is checked too; encoders on ``last_hidden_state``. The error is
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,6 @@ DEFAULT_TEXT = (
     "many times. Most people who live here work in the small factories along its banks or in the shops that "
     "line the main street."
 )
-CACHE_INPUT = "past_key_values."
-CACHE_OUTPUT = "present."
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True)
@@ -57,16 +54,13 @@ class ParityReport:
 
 def validation_ids(folder: Path, text: str | None, tokens: int, vocab_size: int, max_positions: int | None):
     """Token ids [1, T] of real text from the exported tokenizer; seeded random ids when there is none."""
+    from sparse_deploy.errors import ModelLoadError
+    from sparse_deploy.hf import load_tokenizer
+
     limit = min(tokens, (max_positions or tokens + 1) - 1)
     try:
-        from transformers import AutoTokenizer
-
-        from sparse_deploy.hf import has_no_vocabulary
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        if has_no_vocabulary(tokenizer):  # transformers 5 builds one from a folder without tokenizer files
-            tokenizer = None
-    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = load_tokenizer(str(folder))
+    except ModelLoadError:  # no tokenizer files (or none that load)
         tokenizer = None
     if tokenizer is not None:
         ids = tokenizer(text or DEFAULT_TEXT, add_special_tokens=True)["input_ids"][:limit]
@@ -77,31 +71,6 @@ def validation_ids(folder: Path, text: str | None, tokens: int, vocab_size: int,
     return rng.integers(0, vocab_size, size=(1, limit), dtype=np.int64), "random ids (no tokenizer)"
 
 
-def _session(path: Path, profile_dir: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
-    options.log_severity_level = 3
-    _register_if_needed(path, options)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _register_if_needed(path: Path, options) -> None:
-    """A custom-op export (``--ops custom``) runs with the native library registered."""
-    import onnx
-
-    from sparse_deploy.runtime.session import native_kernels
-    from sparse_deploy.runtime.sparse_ops import uses_custom_ops
-
-    if uses_custom_ops(onnx.load(str(path), load_external_data=False)):
-        native, reason = native_kernels()
-        if native is None:
-            raise ExportMismatchError(f"the custom-op export cannot be checked: {reason}")
-        native.register(options)
-
-
 def _executed_ops(session) -> dict[str, int]:
     """Op types of the nodes ONNX Runtime ran, counted per node (its optimised graph, not the file's)."""
     events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
@@ -110,43 +79,22 @@ def _executed_ops(session) -> dict[str, int]:
     return dict(sorted(Counter(op for _, op in nodes).items()))
 
 
-def _feeds(session, ids: np.ndarray, past: Mapping[str, np.ndarray] | None, total: int) -> dict[str, np.ndarray]:
-    """Inputs the graph declares: ids, an all-ones mask over past + new tokens, positions, an empty or given cache."""
-    batch, length = ids.shape
-    feeds: dict[str, np.ndarray] = {}
-    for arg in session.get_inputs():
-        name = arg.name
-        if name == "input_ids":
-            feeds[name] = ids
-        elif name == "attention_mask":
-            feeds[name] = np.ones((batch, total), np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.arange(total - length, total, dtype=np.int64)[None].repeat(batch, 0)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros_like(ids)
-        elif name.startswith(CACHE_INPUT):
-            if past is not None:
-                feeds[name] = past[CACHE_OUTPUT + name[len(CACHE_INPUT):]]
-            else:  # [batch, heads, 0, head_dim]: the static dims come from the graph
-                dims = [d if isinstance(d, int) else 0 for d in arg.shape]
-                dims[0] = batch
-                feeds[name] = np.zeros(dims, _NUMPY_TYPES[arg.type])
-        else:
-            raise ExportMismatchError(f"the exported model has an input {name!r} the parity check cannot fill")
-    return feeds
+def _runtime_output(model, ids: np.ndarray, decoder: bool) -> np.ndarray:
+    """What ``runtime/`` computes for ids [1, T]. Decoders: logits [T, V] of the prompt ids[:, :-1] with an empty
+    cache, then of ids[:, -1] with the cache the prompt returned. Encoders: last_hidden_state [T, hidden]."""
+    from sparse_deploy.runtime import DecoderRunner, hidden_states
 
-
-def _onnx_decoder_logits(session, ids: np.ndarray) -> np.ndarray:
-    """Logits [T + 1, V]: the prompt ids[:, :-1] with an empty cache, then ids[:, -1] with the returned cache."""
-    names = [out.name for out in session.get_outputs()]
+    if not decoder:
+        return hidden_states(model, ids, np.ones_like(ids))[0]
+    runner = DecoderRunner(model)
     prompt = ids[:, :-1]
-    first = dict(zip(names, session.run(None, _feeds(session, prompt, None, prompt.shape[1]))))
-    step = dict(zip(names, session.run(None, _feeds(session, ids[:, -1:], first, ids.shape[1]))))
-    return np.concatenate([first["logits"][0], step["logits"][0]], axis=0)
+    first, past = runner.step(prompt, np.ones_like(prompt), runner.empty_past(1))
+    step, _ = runner.step(ids[:, -1:], np.ones_like(ids), past)
+    return np.concatenate([first[0], step[0]], axis=0)
 
 
 def check_parity(
-    onnx_path: Path,
+    folder: Path,
     torch_model,
     ids: np.ndarray,
     *,
@@ -155,26 +103,28 @@ def check_parity(
     input_source: str,
     work_dir: Path | None = None,
 ) -> ParityReport:
-    """Compare ONNX Runtime with ``torch_model`` on ``ids`` [1, T]; raise ExportMismatchError beyond ``tolerance``
-    or when either side gives a non-finite value (whatever the tolerance). The profiler writes under ``work_dir``."""
+    """Compare the exported ``folder``, opened and run by ``runtime/`` as users open it (packed weights decoded by
+    the runtime, dense kernels), with ``torch_model`` on ``ids`` [1, T]; raise ExportMismatchError beyond
+    ``tolerance`` or when either side gives a non-finite value (whatever the tolerance). ``folder`` holds model.onnx,
+    config.json and an export.json with at least the model and settings sections. The profiler writes under
+    ``work_dir``."""
     import torch
 
+    from sparse_deploy.runtime import ExportedModel, SessionConfig
+
     with tempfile.TemporaryDirectory(prefix="sparse_deploy_profile_", dir=work_dir) as tmp:
-        session = _session(onnx_path, tmp)
+        model = ExportedModel(folder, SessionConfig(verify=False, kernels="dense",
+                                                    profile=str(Path(tmp) / "ort_profile")))
+        got = _runtime_output(model, ids, decoder)
         with torch.no_grad():
             tensor = torch.from_numpy(ids)
             mask = torch.ones_like(tensor)
             if decoder:
                 expected = torch_model(input_ids=tensor, attention_mask=mask).logits[0].float().numpy()
-                got = _onnx_decoder_logits(session, ids)
             else:
-                extra = {"token_type_ids": torch.zeros_like(tensor)} if "token_type_ids" in {
-                    i.name for i in session.get_inputs()} else {}
+                extra = {"token_type_ids": torch.zeros_like(tensor)} if "token_type_ids" in model.input_names() else {}
                 expected = torch_model(input_ids=tensor, attention_mask=mask, **extra).last_hidden_state[0].numpy()
-                names = [o.name for o in session.get_outputs()]
-                outputs = dict(zip(names, session.run(None, _feeds(session, ids, None, ids.shape[1]))))
-                got = outputs["last_hidden_state"][0]
-        executed = _executed_ops(session)
+        executed = _executed_ops(model.session)
     for side, values in (("ONNX Runtime", got), ("torch", expected)):
         bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         if bad:

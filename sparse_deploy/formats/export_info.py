@@ -5,7 +5,8 @@ Written by ``export`` (``write_export_info``) beside model.onnx; read by the run
 
     {
       "format_version": 1, "tool_version": "0.1.0", "created": "2026-...",
-      "model": {"model_type": "opt", "architecture": "OPTForCausalLM", "task": "text-generation"},
+      "model": {"model_type": "opt", "architecture": "OPTForCausalLM", "task": "text-generation-with-past",
+                "kind": "decoder", "max_context": 2048},  # kind: decoder | encoder; max_context: null if unknown
       "settings": {"encoding": "packed", "quantize": "none", "ops": "standard", "opset": 18, ...},  # ExportConfig
       "files": {"model.onnx": 123456},                 # model file -> bytes
       "sha256": {"model.onnx": "..."},                 # verified when the runtime opens the folder
@@ -19,7 +20,8 @@ Written by ``export`` (``write_export_info``) beside model.onnx; read by the run
 
 ``settings.ops`` is ``standard`` (the portable file: packed weights are rebuilt by a subgraph of standard ops) or
 ``custom`` (packed weights feed SparseMatMul nodes of the ``ai.sparse_deploy`` domain: the native library must be
-registered to load the file). Exports written before ``ops`` existed are ``standard``.
+registered to load the file). Exports written before ``ops`` existed are ``standard``. Exports written before
+``model.kind`` and ``model.max_context`` existed are read by their task and by config.json's context keys.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from sparse_deploy.errors import RuntimeSessionError
 
 EXPORT_INFO_NAME = "export.json"
 FORMAT_VERSION = 1
+# export tasks (torch.onnx export of a model with its KV cache, or of its hidden states) and the kinds they make
+TASK_KINDS = {"text-generation-with-past": "decoder", "feature-extraction": "encoder"}
+# where a transformers config.json states the model's context length, in order of preference
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class ExportInfo:
     """The typed view of an export.json; ``raw`` keeps the whole document. A folder without one (an ONNX folder
     written by another tool) reads as ``ExportInfo()``: nothing known, standard ops."""
 
+    kind: str | None = None  # model.kind: decoder | encoder (None: not recorded)
+    max_context: int | None = None  # model.max_context
     encoding: str | None = None  # settings.encoding: packed | coo | dense | auto
     quantize: str | None = None  # settings.quantize: none | int8
     ops: str = "standard"  # settings.ops: standard | custom
@@ -69,7 +77,11 @@ class ExportInfo:
     def from_json(cls, data: Mapping[str, Any]) -> ExportInfo:
         settings = data.get("settings") if isinstance(data.get("settings"), Mapping) else {}
         weights = data.get("weights") if isinstance(data.get("weights"), list) else []
+        model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+        context = model.get("max_context")
         return cls(
+            kind=model.get("kind") or TASK_KINDS.get(model.get("task")),
+            max_context=context if isinstance(context, int) and context > 0 else None,
             encoding=settings.get("encoding"), quantize=settings.get("quantize"),
             ops=settings.get("ops") or "standard", opset=settings.get("opset"),
             files=dict(data.get("files") or {}), totals=dict(data.get("totals") or {}),
@@ -96,3 +108,8 @@ def write_export_info(folder: str | Path, data: Mapping[str, Any]) -> Path:
     path = Path(folder) / EXPORT_INFO_NAME
     path.write_text(json.dumps(dict(data), indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def context_of(hf_config: Mapping[str, Any]) -> int | None:
+    """The context length a config.json states (``CONTEXT_KEYS``), for exports whose export.json lacks it."""
+    return next((v for k in CONTEXT_KEYS if isinstance(v := hf_config.get(k), int) and v > 0), None)

@@ -9,8 +9,11 @@ pruned columns without branching and then walks that list. It computes the same 
 
 from __future__ import annotations
 
-import numba
-import numpy as np
+from sparse_deploy.machine import use_user_numba_cache
+
+use_user_numba_cache()  # before numba is imported: its cache=True kernels go to the user cache, not the source tree
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 @numba.njit(inline="always")

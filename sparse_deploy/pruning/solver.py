@@ -15,6 +15,7 @@ import torch
 
 from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
+from sparse_deploy.machine import resolve_device  # noqa: F401  (sequential imports it from here)
 from sparse_deploy.pruning.quant import group_params, sweep_quant_torch
 
 
@@ -40,15 +41,6 @@ class PruneResult:
     @property
     def sparsity(self) -> float:
         return float(self.mask.float().mean())
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
 
 
 def check_problem(

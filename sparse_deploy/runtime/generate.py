@@ -1,4 +1,5 @@
-"""Running an exported model: greedy generation with the KV cache, full-sequence logits, and sentence embeddings.
+"""Running an exported model: greedy generation with the KV cache, full-sequence logits, an encoder's hidden states
+and sentence embeddings.
 
 The KV cache stays in ONNX Runtime's own buffers between steps (``run_with_ort_values``): each step's
 ``present.*`` outputs are fed back as the next step's ``past_key_values.*`` without a copy through numpy.
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from sparse_deploy.errors import InvalidInputError, NonFiniteError, RuntimeSessionError
+from sparse_deploy.errors import ConfigError, InvalidInputError, NonFiniteError, RuntimeSessionError
 from sparse_deploy.runtime.session import ORT_ERRORS, ExportedModel
 
 
@@ -97,6 +98,8 @@ class DecoderRunner:
 
 def generate(model: ExportedModel, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy continuation of ``prompt`` as text (the prompt itself not repeated)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be >= 1, got {max_new_tokens}")
     ids = np.array([model.tokenizer.encode(prompt).ids], dtype=np.int64)
     if ids.shape[1] == 0:
         raise InvalidInputError("the prompt is empty after tokenization")
@@ -104,11 +107,22 @@ def generate(model: ExportedModel, prompt: str, max_new_tokens: int = 32) -> str
     return model.tokenizer.decode(full[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def hidden_states(model: ExportedModel, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An encoder export's ``last_hidden_state`` [B, L, D] for ids and mask [B, L]."""
+    model.require("encoder")
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in model.input_names():
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    try:
+        return model.session.run(["last_hidden_state"], feeds)[0]
+    except ORT_ERRORS as exc:
+        raise RuntimeSessionError(f"ONNX Runtime failed on an encoder batch: {exc}") from None
+
+
 def embed(model: ExportedModel, sentences: list[str], *, batch_size: int = 32, max_length: int = 128) -> np.ndarray:
     """Mean-pooled sentence embeddings [N, D] from an encoder export."""
     model.require("encoder")
     tokenizer = model.tokenizer
-    names = model.input_names()
     rows = []
     for start in range(0, len(sentences), batch_size):
         encoded = [e.ids[:max_length] for e in tokenizer.encode_batch(sentences[start : start + batch_size])]
@@ -118,13 +132,7 @@ def embed(model: ExportedModel, sentences: list[str], *, batch_size: int = 32, m
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = e
             mask[i, : len(e)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
-        try:
-            hidden = model.session.run(["last_hidden_state"], feeds)[0]  # [B, L, D]
-        except ORT_ERRORS as exc:
-            raise RuntimeSessionError(f"ONNX Runtime failed on an encoder batch: {exc}") from None
+        hidden = hidden_states(model, ids, mask)  # [B, L, D]
         weights = mask[..., None].astype(hidden.dtype)
         rows.append((hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9))  # mean over real tokens
     return np.concatenate(rows).astype(np.float32)

@@ -29,6 +29,7 @@ import numpy as np
 
 from sparse_deploy.config import KERNEL_MODES
 from sparse_deploy.errors import ConfigError
+from sparse_deploy.machine import user_cache_dir as cache_dir
 from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
 
 KernelMode = Literal["auto", "sparse", "dense"]
@@ -47,13 +48,6 @@ _MAX_COPIES = 8  # bounds the timing graphs of small layers (memory and session 
 def check_mode(mode: str) -> None:
     if mode not in KERNEL_MODES:
         raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
-
-
-def cache_dir() -> Path:
-    if os.environ.get("SPARSE_DEPLOY_CACHE"):
-        return Path(os.environ["SPARSE_DEPLOY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sparse-deploy"
 
 
 @dataclass(frozen=True)

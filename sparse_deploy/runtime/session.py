@@ -9,7 +9,6 @@ outputs ``logits``, ``present.{i}.key/value``) or an ``encoder`` (output ``last_
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from sparse_deploy.errors import ConfigError, KernelsUnavailableError, RuntimeSessionError, first_line
-from sparse_deploy.formats.export_info import read_export_info
+from sparse_deploy.formats.export_info import ExportInfo, context_of, read_export_info
 from sparse_deploy.integrity import verify_export
 from sparse_deploy.runtime.kernel_choice import Choice, KernelMode, check_mode
 
@@ -49,7 +48,8 @@ class SessionConfig:
     Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory). ``verify``:
     check the model files against the sha256 digests export.json records before loading them. ``kernels``: which
     packed layers run on the native sparse kernels (``auto``: where they are faster on this CPU; ``sparse``: all
-    the ops cover, an error when the library is unavailable; ``dense``: none; see ``runtime.kernel_choice``)."""
+    the ops cover, an error when the library is unavailable; ``dense``: none; see ``runtime.kernel_choice``).
+    ``profile``: a file prefix; ONNX Runtime's profiler writes there (``session.end_profiling()`` names the file)."""
 
     threads: int | None = None
     optimization: Optimization = "all"
@@ -57,6 +57,7 @@ class SessionConfig:
     packed: Literal["stage", "fold"] = "stage"
     verify: bool = True
     kernels: KernelMode = "auto"
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.kernels)
@@ -119,7 +120,7 @@ class ExportedModel:
         else:
             self.kernels.reason = "the export holds no packed weights" if config.kernels != "dense" else ""
             self.session = open_session(onnx_file, config)
-        self.info = _inspect(self.session, self.hf_config)
+        self.info = _inspect(self.session, self.hf_config, self.export_info)
         self._tokenizer = None
 
     @property
@@ -157,6 +158,9 @@ def _options(config: SessionConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[config.optimization]
     options.log_severity_level = 3
+    if config.profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = config.profile
     if config.threads is not None:
         options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
@@ -243,10 +247,6 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -256,14 +256,18 @@ def _read_json(path: Path) -> dict:
         raise RuntimeSessionError(f"{path} is not valid JSON: {exc}") from None
 
 
-def _inspect(session: ort.InferenceSession, hf_config: dict) -> ModelInfo:
+def _inspect(session: ort.InferenceSession, hf_config: dict, export: ExportInfo) -> ModelInfo:
+    """Kind and context as export.json records them (a folder without them: the graph's outputs, config.json's
+    context keys); the KV-cache layout from the graph's inputs."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     past = sorted(n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    max_context = next((hf_config[k] for k in ("max_position_embeddings", "n_positions") if k in hf_config), None)
+    max_context = export.max_context or context_of(hf_config)
     eos = hf_config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
-    if "logits" in outputs and "input_ids" in inputs:
+    kind = export.kind or ("decoder" if "logits" in outputs and "input_ids" in inputs else
+                           "encoder" if "last_hidden_state" in outputs else None)
+    if kind == "decoder" and "logits" in outputs:
         if not past:
             raise RuntimeSessionError("the decoder was exported without a KV cache; export it with past")
         shape = inputs[past[0]].shape  # [batch, kv_heads, past_len, head_dim]
@@ -271,6 +275,6 @@ def _inspect(session: ort.InferenceSession, hf_config: dict) -> ModelInfo:
             raise RuntimeSessionError(f"cannot read the KV-cache shape from {past[0]}: {shape}")
         return ModelInfo("decoder", len(past), shape[1], shape[3], _NP_TYPES.get(inputs[past[0]].type, np.float32),
                          max_context, eos, "position_ids" in inputs)
-    if "last_hidden_state" in outputs:
+    if kind == "encoder" and "last_hidden_state" in outputs:
         return ModelInfo("encoder", 0, 0, 0, np.float32, max_context, eos, "position_ids" in inputs)
     raise RuntimeSessionError(f"the model has outputs {sorted(outputs)}: neither a causal LM nor an encoder")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparse_deploy.errors import ConfigError
-from sparse_deploy.runtime.bench import Comparison, ModelBench
+from sparse_deploy.bench.comparison import Comparison
+from sparse_deploy.bench.protocol import ModelBench
 
 MiB = 2**20
 

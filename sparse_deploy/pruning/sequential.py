@@ -50,7 +50,7 @@ class _Captured:
     """The first block's inputs: hidden states [nsamples, seqlen, hidden], and the other arguments the model
     passes to every block (masks, positions, rotary embeddings), the same for every window."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # None when recorded into a given sink
     args: tuple
     kwargs: dict
 
@@ -137,30 +137,30 @@ def prune_block(block: nn.Module, prefix: str, adapter: Adapter, captured: _Capt
 
 def capture_first_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
-    hidden: torch.Tensor | None = None,
+    sink: Activations | None = None,
 ) -> _Captured:
     """Run the base model with only its first block, recording that block's inputs through a pre-hook.
 
     The block list is cut to its first block for the duration, so embeddings, the first block and the final
-    norm run, nothing raises through the model, and the language-model head never runs. ``hidden``: where to
-    record the inputs ([nsamples, seqlen, hidden] in ``dtype``); a new tensor on ``device`` when None.
+    norm run, nothing raises through the model, and the language-model head never runs. The inputs
+    ([nsamples, seqlen, hidden] in ``dtype``) go to ``sink``, or to a new tensor on ``device`` (``hidden``).
     """
     blocks = adapter.blocks(model)
     base = model.base_model
     model_dtype = next(base.parameters()).dtype
-    store: dict = {"hidden": hidden}
+    store: dict = {"sink": sink, "hidden": None, "count": 0}
 
     def record(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if store["hidden"] is None:
+        if store["sink"] is None:
             store["hidden"] = torch.empty((windows.shape[0], *hidden.shape[1:]), dtype=dtype, device=device)
+            store["sink"] = RamActivations(store["hidden"])
         if "args" not in store:
             store["args"] = args[1:]
             store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        store["hidden"][store["count"] : store["count"] + 1] = hidden
+        store["sink"].write(store["count"], hidden)
         store["count"] += 1
 
-    store["count"] = 0
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     adapter.set_blocks(model, nn.ModuleList([blocks[0]]))
     try:

@@ -195,7 +195,8 @@ def _resume_settings(model: str, config: PruneConfig, windows: torch.Tensor) -> 
     """What must be the same for a stage to be continued: everything that changes the result."""
     solver = config.solver
     return {
-        "model": model, "method": config.method, "spec": str(config.spec), "true_sequential": config.true_sequential,
+        "model": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model,
+        "method": config.method, "spec": str(config.spec), "true_sequential": config.true_sequential,
         "skip": config.skip, "quant": str(config.quant) if config.quant else None,
         "calibration": [config.calibration.source, int(windows.shape[0]), int(windows.shape[1]),
                         config.calibration.seed],

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig
-from sparse_deploy.errors import ConfigError
+from sparse_deploy.errors import ConfigError, ModelLoadError
 from sparse_deploy.machine import available_memory_bytes, peak_rss_bytes
 from sparse_deploy.pruning.activations import Activations, FileActivations, RamActivations
 from sparse_deploy.pruning.sequential import (
@@ -136,8 +136,8 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
             store = _Discard(shape, compute_dtype)
         captured = capture_first_inputs(skeleton, adapter, windows, device, compute_dtype, sink=store)
         if resumed_from is None:
-            _write_shard(stage / shard_name(1, shards), {saved(k): _source_tensor(k, weights, dtype, prefix, saved)
-                                                         for k in outside if k not in tied}, state)
+            _write_shard(stage / shard_name(1, shards), _source_tensors([k for k in outside if k not in tied], weights,
+                                                                        dtype, prefix, saved), state)
         else:
             store = _open_activations(resume_dir, state.next_block, shape, compute_dtype, in_ram)
         skeleton = None  # only blocks from here on; the embeddings go
@@ -239,13 +239,17 @@ def _save_activations(store: Activations, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _source_tensor(key: str, weights: SourceWeights, dtype: torch.dtype, prefix: str,
-                   saved: SavedNames) -> torch.Tensor:
-    found = source_key(key, weights, prefix, saved)
-    if found is None:
-        raise ConfigError(f"{weights.folder}: the checkpoint has no tensor {key}; it does not match its config.json")
-    tensor = weights.get(found)
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _source_tensors(keys: list[str], weights: SourceWeights, dtype: torch.dtype, prefix: str,
+                    saved: SavedNames) -> dict[str, torch.Tensor]:
+    """The tensors outside the blocks under the names save_pretrained gives them, in the model's dtype."""
+    found = {key: source_key(key, weights, prefix, saved) for key in keys}
+    missing = [key for key, name in found.items() if name is None]
+    if missing:
+        raise ModelLoadError(f"{weights.folder}: the checkpoint has no tensor {missing[0]}; it does not match its "
+                             f"config.json")
+    read = weights.get_many(list(found.values()))
+    return {saved(key): read[name].to(dtype) if read[name].is_floating_point() else read[name]
+            for key, name in found.items()}
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], state: _Progress) -> None:

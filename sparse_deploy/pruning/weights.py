@@ -43,14 +43,14 @@ class SourceWeights:
 
         self.folder = Path(folder)
         self._open = safe_open
-        self._handles: dict[str, object] = {}
         if (self.folder / INDEX_NAME).is_file():
             try:
                 self.weight_map: dict[str, str] = json.loads((self.folder / INDEX_NAME).read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ModelLoadError(f"{self.folder / INDEX_NAME} is not a valid shard index ({exc})") from None
         elif (self.folder / SINGLE_NAME).is_file():
-            self.weight_map = {key: SINGLE_NAME for key in self._handle(SINGLE_NAME).keys()}
+            with self._open(str(self.folder / SINGLE_NAME), framework="pt") as fh:
+                self.weight_map = {key: SINGLE_NAME for key in fh.keys()}
         else:
             raise ModelLoadError(f"{self.folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})")
         missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).is_file()})
@@ -58,16 +58,21 @@ class SourceWeights:
             raise ModelLoadError(f"{self.folder}: shard {missing[0]} named in {INDEX_NAME} is missing; copy the "
                                  f"whole model folder")
 
-    def _handle(self, filename: str):
-        if filename not in self._handles:
-            self._handles[filename] = self._open(str(self.folder / filename), framework="pt", device="cpu")
-        return self._handles[filename]
-
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._handle(self.weight_map[key]).get_tensor(key)
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors named ``keys``, each file opened (memory-mapped) only while its tensors are copied out, so
+        the pages read do not stay mapped (and counted in the resident set) for the rest of the run."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out = {}
+        for filename, names in by_file.items():
+            with self._open(str(self.folder / filename), framework="pt", device="cpu") as fh:
+                for key in names:
+                    out[key] = fh.get_tensor(key)
+        return out
 
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
@@ -84,11 +89,12 @@ class SourceWeights:
         return digest.hexdigest()
 
     def first_float_dtype(self) -> torch.dtype:
-        for key in self.weight_map:
-            handle = self._handle(self.weight_map[key])
-            dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
-            if dtype is not None and dtype.is_floating_point:
-                return dtype
+        for filename in self.files():
+            with self._open(str(self.folder / filename), framework="pt") as fh:
+                for key in fh.keys():
+                    dtype = _SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
+                        return dtype
         raise UnsupportedModelError(f"{self.folder} holds no floating-point weights")
 
 
@@ -170,14 +176,15 @@ def load_tensors(module: nn.Module, keys: dict[str, str], weights: SourceWeights
                  prefix: str = "", saved: SavedNames | None = None) -> None:
     """Assign ``module``'s tensors from the checkpoint: ``keys`` maps the module's state-dict names to the
     model's full names (what save_pretrained writes). Floating tensors take ``dtype``, as from_pretrained does."""
-    tensors = {}
+    found = {}
     for local, full in keys.items():
-        found = source_key(full, weights, prefix, saved)
-        if found is None:
+        found[local] = source_key(full, weights, prefix, saved)
+        if found[local] is None:
             raise ModelLoadError(f"{weights.folder}: the checkpoint has no tensor {full}; it does not match its "
                                  f"config.json")
-        tensor = weights.get(found)
-        tensors[local] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    read = weights.get_many(list(found.values()))
+    tensors = {local: read[key].to(dtype) if read[key].is_floating_point() else read[key]
+               for local, key in found.items()}
     check_finite_weights(((keys[k], v) for k, v in tensors.items()), weights.folder)
     result = module.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:  # cannot happen: keys come from the module's own state dict

@@ -19,8 +19,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from sparse_deploy.adapters import REGISTRY
 from sparse_deploy.api import prune
-from sparse_deploy.config import CalibrationConfig, PruneConfig, SolverConfig, SparsitySpec, parse_size
-from sparse_deploy.errors import ConfigError, ModelLoadError, OutputExistsError
+from sparse_deploy.config import (CalibrationConfig, PruneConfig, QuantSpec, SolverConfig, SparsitySpec,
+                                  parse_size)
+from sparse_deploy.errors import ConfigError, ModelLoadError, OutputExistsError, PruneInterrupted
 from sparse_deploy.io import resumable_stage_path
 from sparse_deploy.pruning.streaming import read_progress
 
@@ -155,6 +156,53 @@ def test_rerun_with_other_settings_refuses_to_resume(tmp_path, calib_text):
     # the same settings (no --resume) continue it
     report = prune(source, out, config_for(calib_text), progress=False)
     assert report.manifest.extra["streaming"]["resumed_from_block"] == 1
+
+
+def test_ctrl_c_keeps_a_resumable_stage_and_says_how_to_continue(tmp_path, calib_text, monkeypatch):
+    import sparse_deploy.pruning.streaming as streaming
+
+    source = make_sharded("gpt2", tmp_path / "dense", layers=3)
+    original = streaming._write_json
+
+    def interrupt_after_first_block(path, data):
+        original(path, data)
+        if path.name == "progress.json" and data["next_block"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming, "_write_json", interrupt_after_first_block)
+    with pytest.raises(PruneInterrupted, match="after 1 of 3 blocks.*run the same command again.*delete"):
+        prune(source, tmp_path / "out", config_for(calib_text), progress=False)
+    monkeypatch.undo()
+    assert read_progress(resumable_stage_path(tmp_path / "out")).next_block == 1
+    report = prune(source, tmp_path / "out", config_for(calib_text), progress=False)
+    assert report.manifest.extra["streaming"]["resumed_from_block"] == 1
+    prune(source, tmp_path / "whole", config_for(calib_text, stream=False), progress=False)
+    assert_identical(tmp_path / "out", tmp_path / "whole")
+
+
+def test_joint_quantization_streams_and_resumes_to_the_same_grid(tmp_path, calib_text, monkeypatch):
+    import sparse_deploy.pruning.streaming as streaming
+
+    source = make_sharded("llama", tmp_path / "dense", layers=3)
+    config = config_for(calib_text, quant=QuantSpec.from_options(4, 32, True))
+    original = streaming._write_json
+
+    def interrupt(path, data):
+        original(path, data)
+        if path.name == "progress.json" and data["next_block"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming, "_write_json", interrupt)
+    with pytest.raises(PruneInterrupted):
+        prune(source, tmp_path / "stream", config, progress=False)
+    monkeypatch.undo()
+    streamed = prune(source, tmp_path / "stream", config, progress=False)
+    whole = prune(source, tmp_path / "whole", replace(config, stream=False), progress=False)
+    assert_identical(tmp_path / "stream", tmp_path / "whole")
+    a = load_file(str(tmp_path / "stream" / "quant_scales.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "quant_scales.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed.manifest.quantization == whole.manifest.quantization
 
 
 def test_resume_without_a_stage_is_an_error(tmp_path, calib_text):

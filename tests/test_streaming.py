@@ -142,6 +142,19 @@ def test_resume_after_sigkill_is_bit_identical(max_memory, tmp_path, calib_text)
     assert not stage.exists() and not (out / ".resume").exists()
 
 
+def test_a_kill_after_the_last_block_finishes_on_rerun(tmp_path, calib_text):
+    source = make_sharded("bert", tmp_path / "dense", layers=2)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(source), str(out), str(calib_text), "2", "none"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    report = prune(source, out, config_for(calib_text), progress=False)
+    assert report.manifest.extra["streaming"]["resumed_from_block"] == 2 and len(report.manifest.layers) == 2 * 6
+    prune(source, tmp_path / "whole", config_for(calib_text, stream=False), progress=False)
+    assert_identical(out, tmp_path / "whole")
+
+
 def test_rerun_with_other_settings_refuses_to_resume(tmp_path, calib_text):
     source = make_sharded("opt", tmp_path / "dense", layers=3)
     out = tmp_path / "out"

@@ -98,9 +98,9 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
     resume_dir.mkdir(exist_ok=True)
     state = read_progress(stage)
     if state is not None and state.settings != settings:
-        raise ConfigError(
-            f"the unfinished run in {stage} used other settings ({'; '.join(settings_difference(state.settings, settings))}); "
-            f"rerun with the same settings to continue it, or delete that folder to start afresh")
+        differences = "; ".join(settings_difference(state.settings, settings))
+        raise ConfigError(f"the unfinished run in {stage} used other settings ({differences}); rerun with the same "
+                          f"settings to continue it, or delete that folder to start afresh")
     resumed_from = state.next_block if state is not None else None
     device, solver, compute_dtype = solver_setup(config, dtype)
 
@@ -123,7 +123,8 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
         # Tensors outside the blocks: the skeleton's, less the tied copies save_pretrained leaves out.
         tied = set(skeleton.get_expanded_tied_weights_keys())
         outside = [k for k in skeleton.state_dict() if not k.startswith(block_path + ".")]
-        base_keys = {k: k for k in skeleton.state_dict() if k.startswith(base_path) and k not in tied}
+        base_keys = {k: k for k in skeleton.state_dict() if k.startswith(base_path + "." if base_path else "")
+                     and k not in tied}
         load_tensors(skeleton, base_keys, weights, dtype, prefix, saved)
         hidden_size = adapter.get_weight(adapter.blocks(skeleton)[0].get_submodule(adapter.groups[0][0])).shape[1]
         shape = (int(windows.shape[0]), int(windows.shape[1]), int(hidden_size))
@@ -134,11 +135,12 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
                                   else FileActivations(resume_dir / "act-0.bin", shape, compute_dtype, create=True))
         else:
             store = _Discard(shape, compute_dtype)
-        captured = capture_first_inputs(skeleton, adapter, windows, device, compute_dtype, sink=store)
+        if state.next_block < count:  # the masks and positions every block takes (and, fresh, block 0's inputs)
+            captured = capture_first_inputs(skeleton, adapter, windows, device, compute_dtype, sink=store)
         if resumed_from is None:
             _write_shard(stage / shard_name(1, shards), _source_tensors([k for k in outside if k not in tied], weights,
                                                                         dtype, prefix, saved), state)
-        else:
+        elif state.next_block < count:
             store = _open_activations(resume_dir, state.next_block, shape, compute_dtype, in_ram)
         skeleton = None  # only blocks from here on; the embeddings go
 

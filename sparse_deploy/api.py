@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sparse_deploy import __version__
-from sparse_deploy.formats.checkpoint import SCALES_NAME, LayerRecord, Manifest, write_manifest, write_scales
+from sparse_deploy.formats.checkpoint import SCALES_NAME, Manifest, write_manifest, write_scales
 from sparse_deploy.config import EvalConfig, PruneConfig
 from sparse_deploy.data.calibration import calibration_windows, tokenize
 from sparse_deploy.data.perplexity import Perplexity, perplexity
@@ -233,8 +233,7 @@ def _manifest(model: str, hf_config, architecture: str, config: PruneConfig, win
         solver={"blocksize": config.solver.blocksize, "percdamp": config.solver.percdamp,
                 "device": resolve_device(config.solver.device).type, "true_sequential": config.true_sequential,
                 "skip": config.skip, "skipped": list(report.skipped)},
-        layers=tuple(LayerRecord(r.name, r.shape, r.sparsity, str(config.spec) if config.spec.is_nm else None,
-                                 r.rel_error, r.time_s) for r in report.linears),
+        layers=tuple(r.record(str(config.spec) if config.spec.is_nm else None) for r in report.linears),
         totals={"prunable_params": prunable, "pruned_params": pruned,
                 "sparsity": pruned / prunable if prunable else 0.0},
         time_s=time_s,

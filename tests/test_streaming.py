@@ -269,3 +269,14 @@ def test_streaming_on_cuda_matches_in_memory(tmp_path, calib_text):
     prune(source, tmp_path / "stream", gpu, progress=False)
     prune(source, tmp_path / "whole", replace(gpu, stream=False), progress=False)
     assert_identical(tmp_path / "stream", tmp_path / "whole")
+
+
+def test_every_method_a_config_accepts_is_registered():
+    from typing import get_args
+
+    from sparse_deploy.config import Method
+    from sparse_deploy.pruning.methods import METHODS, method
+
+    assert set(METHODS) == set(get_args(Method))
+    with pytest.raises(ConfigError, match="method must be one of"):
+        method("obc")

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig, SolverConfig
 from sparse_deploy.errors import ConfigError
-from sparse_deploy.pruning.baselines import magnitude, wanda
+from sparse_deploy.formats.checkpoint import LayerRecord
 from sparse_deploy.pruning.activations import Activations, RamActivations
 from sparse_deploy.pruning.hessian import HessianAccumulator
-from sparse_deploy.pruning.solver import PruneResult, resolve_device, sparsify
+from sparse_deploy.pruning.methods import method
+from sparse_deploy.pruning.solver import PruneResult, resolve_device
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class LinearReport:
     time_s: float
     scales: torch.Tensor | None = None  # joint quantization: [out, groups] float32 (see PruneResult)
     zero_points: torch.Tensor | None = None
+
+    def record(self, pattern: str | None) -> LayerRecord:
+        """The manifest's record of this layer (``pattern``: the n:m pattern pruned to, if any)."""
+        return LayerRecord(self.name, self.shape, self.sparsity, pattern, self.rel_error, self.time_s)
 
 
 @dataclass(frozen=True)
@@ -200,12 +205,7 @@ def _collect(block, adapter, groups, captured, inputs, skip, prefix, device) -> 
 def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverConfig) -> LinearReport:
     start = time.perf_counter()
     W = adapter.get_weight(linear).clone()  # [out, in]
-    if config.method == "sparsegpt":
-        result: PruneResult = sparsify(W, H, config.spec, solver, name=name, quant=config.quant)
-    elif config.method == "wanda":
-        result = wanda(W, H, config.spec, name=name)
-    else:
-        result = magnitude(W, H, config.spec, name=name)
+    result: PruneResult = method(config.method)(W, H, config.spec, solver, name=name, quant=config.quant)
     adapter.set_weight(linear, result.weight)
     # With H = 2/n·XᵀX: ‖(W − Ŵ)Xᵀ‖²/n = loss − ½λ‖ΔW‖² over live inputs, and ‖WXᵀ‖²/n = ½·tr(WHWᵀ).
     live = H.diagonal() != 0

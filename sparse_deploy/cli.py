@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 
 from sparse_deploy import __version__, api, evaluation
 from sparse_deploy.config import (MIN_OPSET, CalibrationConfig, EvalConfig, PruneConfig, QuantSpec, SolverConfig,
-                                  SparsitySpec)
+                                  SparsitySpec, parse_size)
 from sparse_deploy.errors import ConfigError, SparseDeployError
 from sparse_deploy.inspection import inspect_checkpoint
 
@@ -178,8 +178,25 @@ def prune(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the manifest (sparse_deploy.json) here."),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Host memory the run may use, e.g. 8GiB or 16G. The calibration activations "
+        "stay in RAM when they take at most half of it, else go to a file in the stage folder [default: the "
+        "machine's available memory]."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the unfinished run for --output (after a crash, a kill or Ctrl-C); an "
+        "error if there is none. Rerunning the same command without it also continues, and says so."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Accept a model with only pickle weights (pytorch_model.bin), which runs "
+        "code from the file and is loaded whole; safetensors models are streamed block by block."),
+    in_memory: bool = typer.Option(
+        False, "--in-memory", help="Load the whole model instead of streaming it block by block (same result, "
+        "more memory, not resumable)."),
 ) -> None:
     """Prune a model in one shot, layer by layer, and write a checkpoint that plain transformers loads.
+
+    Safetensors models are streamed: one block at a time is read from the shards, pruned and written, so memory
+    follows one block, not the model. The stage folder (.OUTPUT.sparse-deploy-stage beside --output) keeps the
+    finished blocks: after a crash or Ctrl-C, run the same command again (or with --resume) to continue.
 
     With --bits, SparseGPT also quantizes (joint sparsification and quantization; --sparsity 0 gives GPTQ)."""
     with reported():
@@ -193,6 +210,10 @@ def prune(
             skip=skip,
             trust_remote_code=trust_remote_code,
             quant=QuantSpec.from_options(bits, group_size, symmetric),
+            max_memory=parse_size(max_memory) if max_memory is not None else None,
+            resume=resume,
+            allow_pickle=allow_pickle,
+            stream=not in_memory,
         )
         if config.spec.target == 0 and config.quant is None:
             typer.secho("warning: --sparsity 0 prunes nothing; the checkpoint will hold the input's weights",

@@ -191,6 +191,21 @@ class CalibrationConfig:
             raise ConfigError(f"seqlen must be >= 2, got {self.seqlen}")
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"8GiB"``, ``"512MiB"``, ``"16G"``, ``"4GB"`` or a number of bytes, as bytes (K/M/G/T: powers of 1024 with
+    ``i`` or alone, of 1000 with a plain ``B``)."""
+    match = _SIZE.match(text)
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"--max-memory {text!r} is not a size; write it like 8GiB, 512MiB or 16G")
+    number, unit, binary = float(match[1]), match[2].upper(), match[3]
+    plain_b = text.strip().upper().endswith("B") and not binary
+    base = 1000 if (unit and plain_b) else 1024
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Whole-model pruning. ``skip``: a regular expression; linear layers whose name matches stay dense."""
@@ -203,8 +218,24 @@ class PruneConfig:
     skip: str | None = None
     trust_remote_code: bool = False
     quant: QuantSpec | None = None
+    # Streaming (models larger than memory): blocks are read from the safetensors shards one at a time and
+    # written as they finish, in a stage that a later run resumes. ``max_memory``: bytes the run may hold; the
+    # calibration activations stay in RAM when they take at most half of it, else go to a file in the stage
+    # (None: what the machine has available). ``resume``: insist on continuing an unfinished run (a rerun with
+    # the same settings continues one anyway). ``allow_pickle``: accept pickle-only (.bin) checkpoints, loaded
+    # whole. ``stream`` False loads the whole model instead (the reference the streaming run is tested against).
+    max_memory: int | None = None
+    resume: bool = False
+    allow_pickle: bool = False
+    stream: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int)
+                                            or self.max_memory <= 0):
+            raise ConfigError(f"max_memory must be a positive number of bytes (e.g. --max-memory 8GiB), got "
+                              f"{self.max_memory!r}")
+        if self.resume and not self.stream:
+            raise ConfigError("--resume continues a streaming run; it cannot be combined with loading the whole model")
         if self.method not in ("sparsegpt", "wanda", "magnitude"):
             raise ConfigError(f"method must be sparsegpt, wanda or magnitude, got {self.method!r}")
         if self.quant is not None and self.method != "sparsegpt":

@@ -79,3 +79,9 @@ class NonFiniteError(SparseDeployError):
 
 class KernelsUnavailableError(RuntimeSessionError):
     """The native sparse kernel library was not built or cannot be loaded here; the message says why."""
+
+
+class PruneInterrupted(SparseDeployError):
+    """A streaming prune stopped by Ctrl-C; its finished blocks are kept for the next run to continue."""
+
+    exit_code = 130

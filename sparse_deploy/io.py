@@ -2,17 +2,19 @@
 
 The staging folder sits beside the output and is named ``.NAME.sparse-deploy-partial-PID-XXXX``; a run killed
 outright (SIGKILL, power loss) cannot remove it, so every run first removes the stages of processes that no longer
-exist. ``--force`` replaces only folders sparse-deploy wrote (they carry ``sparse_deploy.json`` or ``export.json``),
+exist. A resumable run (``prune``) stages instead in ``.NAME.sparse-deploy-stage``, a name fixed for the output so
+that a rerun finds it, kept after a failure that leaves something worth resuming. ``--force`` replaces only folders sparse-deploy wrote (they carry ``sparse_deploy.json`` or ``export.json``),
 and never an output that is, holds or lies inside one of the run's inputs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,6 +120,48 @@ def staged_output(output: str | Path, force: bool = False, inputs: Iterable[str 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def resumable_stage_path(output: str | Path) -> Path:
+    """The fixed staging folder of a resumable run writing ``output``."""
+    output = Path(output).expanduser().resolve()
+    return output.parent / f".{output.name}.sparse-deploy-stage"
+
+
+@contextmanager
+def resumable_stage(output: str | Path, force: bool = False, inputs: Iterable[str | Path] = (),
+                    keep: Callable[[Path], bool] = lambda stage: False,
+                    scratch: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield the fixed staging folder of ``output`` (created, or left by an earlier run), locked against a second
+    run. On success the ``scratch`` entries are removed and the folder replaces ``output``; on failure it is
+    deleted unless ``keep(stage)`` says it holds work worth resuming."""
+    output = check_output(output, force, inputs)
+    staging = resumable_stage_path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_stages(output.parent)
+        staging.mkdir(exist_ok=True)
+        lock = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise OutputExistsError(f"cannot create the staging folder {staging}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however the process ends
+        except BlockingIOError:
+            raise OutputExistsError(f"another run is writing {output} (its stage {staging} is locked); wait for it "
+                                    f"to finish or stop it") from None
+        try:
+            yield staging
+            for name in scratch:
+                shutil.rmtree(staging / name, ignore_errors=True)
+            (staging / ".lock").unlink(missing_ok=True)
+            _replace(staging, output)
+        except BaseException:
+            if not keep(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        os.close(lock)
 
 
 def _replace(staging: Path, output: Path) -> None:

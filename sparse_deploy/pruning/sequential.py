@@ -19,9 +19,11 @@ from tqdm.auto import tqdm
 from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig, SolverConfig
 from sparse_deploy.errors import ConfigError
-from sparse_deploy.pruning.baselines import magnitude, wanda
+from sparse_deploy.formats.checkpoint import LayerRecord
+from sparse_deploy.pruning.activations import Activations, RamActivations
 from sparse_deploy.pruning.hessian import HessianAccumulator
-from sparse_deploy.pruning.solver import PruneResult, resolve_device, sparsify
+from sparse_deploy.pruning.methods import method
+from sparse_deploy.pruning.solver import PruneResult, resolve_device
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class LinearReport:
     scales: torch.Tensor | None = None  # joint quantization: [out, groups] float32 (see PruneResult)
     zero_points: torch.Tensor | None = None
 
+    def record(self, pattern: str | None) -> LayerRecord:
+        """The manifest's record of this layer (``pattern``: the n:m pattern pruned to, if any)."""
+        return LayerRecord(self.name, self.shape, self.sparsity, pattern, self.rel_error, self.time_s)
+
 
 @dataclass(frozen=True)
 class SequentialReport:
@@ -49,7 +55,7 @@ class _Captured:
     """The first block's inputs: hidden states [nsamples, seqlen, hidden], and the other arguments the model
     passes to every block (masks, positions, rotary embeddings), the same for every window."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # None when recorded into a given sink
     args: tuple
     kwargs: dict
 
@@ -58,69 +64,108 @@ def prune_sequential(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, config: PruneConfig, *, progress: bool = True
 ) -> SequentialReport:
     """Prune every linear layer of every block of ``model`` in place. ``windows``: token ids [nsamples, seqlen]."""
-    device = resolve_device(config.solver.device)
-    solver = replace(config.solver, device=device.type)  # type: ignore[arg-type]
-    compute_dtype = torch.float32 if device.type == "cpu" else model.dtype  # CPU kernels want fp32
+    device, solver, compute_dtype = solver_setup(config, model.dtype)
+    blocks = adapter.blocks(model)
     names = {module: name for name, module in model.named_modules()}
-    skip = re.compile(config.skip) if config.skip else None
-    if skip:
-        prunable = [names[block.get_submodule(n)] for block in adapter.blocks(model)
-                    for group in adapter.groups for n in group]
-        if all(skip.search(name) for name in prunable):
-            raise ConfigError(f"--skip {config.skip!r} matches all {len(prunable)} linear layers; nothing would be "
-                              f"pruned (names look like {prunable[0]!r})")
+    prefixes = [names[block] for block in blocks]
+    skip = check_skip(config, adapter, prefixes)
 
     with torch.no_grad():
-        captured = _capture_first_inputs(model, adapter, windows, device, compute_dtype)
+        captured = capture_first_inputs(model, adapter, windows, device, compute_dtype)
+        activations = RamActivations(captured.hidden)
         reports: list[LinearReport] = []
         skipped: list[str] = []
         layer_times: list[float] = []
-        blocks = adapter.blocks(model)
         bar = tqdm(blocks, desc="prune", unit="layer", disable=not progress, leave=False)
-        for block in bar:
-            start = time.perf_counter()
-            dtype = next(block.parameters()).dtype
-            block.to(device=device, dtype=compute_dtype)
-            steps = [(group,) for group in adapter.groups] if config.true_sequential else [adapter.groups]
-            for groups in steps:
-                linears = {n: block.get_submodule(n) for group in groups for n in group}
-                skipped += [names[m] for m in linears.values() if skip and skip.search(names[m])]
-                stats = _collect(block, adapter, groups, captured, skip, names)
-                for local, acc in stats.items():
-                    reports.append(_prune_linear(linears[local], names[linears[local]], adapter, acc.H, config,
-                                                 solver))
-            for j in range(captured.hidden.shape[0]):  # outputs of the pruned block feed the next one
-                captured.hidden[j : j + 1] = _block_output(block(captured.hidden[j : j + 1], *captured.args,
-                                                                 **captured.kwargs))
-            block.to(device="cpu", dtype=dtype)
-            layer_times.append(time.perf_counter() - start)
+        for prefix, block in zip(prefixes, bar):
+            done = prune_block(block, prefix, adapter, captured, activations, activations, config, solver, device,
+                               compute_dtype, skip)
+            reports += done.linears
+            skipped += done.skipped
+            layer_times.append(done.time_s)
             bar.set_postfix(layer_s=f"{layer_times[-1]:.1f}")
     return SequentialReport(tuple(reports), tuple(layer_times), tuple(skipped))
 
 
-def _capture_first_inputs(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, device: torch.device, dtype: torch.dtype
+def solver_setup(config: PruneConfig, model_dtype: torch.dtype) -> tuple[torch.device, SolverConfig, torch.dtype]:
+    """The solver's device, the solver settings bound to it, and the dtype blocks compute in there."""
+    device = resolve_device(config.solver.device)
+    solver = replace(config.solver, device=device.type)  # type: ignore[arg-type]
+    compute_dtype = torch.float32 if device.type == "cpu" else model_dtype  # CPU kernels want fp32
+    return device, solver, compute_dtype
+
+
+def check_skip(config: PruneConfig, adapter: Adapter, prefixes: list[str]) -> re.Pattern | None:
+    """The compiled ``--skip`` pattern; an error when it would leave nothing to prune. ``prefixes``: each block's
+    module path (``model.layers.3``)."""
+    skip = re.compile(config.skip) if config.skip else None
+    if skip:
+        prunable = [f"{prefix}.{n}" for prefix in prefixes for group in adapter.groups for n in group]
+        if all(skip.search(name) for name in prunable):
+            raise ConfigError(f"--skip {config.skip!r} matches all {len(prunable)} linear layers; nothing would be "
+                              f"pruned (names look like {prunable[0]!r})")
+    return skip
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    linears: tuple[LinearReport, ...]
+    skipped: tuple[str, ...]
+    time_s: float
+
+
+def prune_block(block: nn.Module, prefix: str, adapter: Adapter, captured: _Captured, inputs: Activations,
+                outputs: Activations, config: PruneConfig, solver: SolverConfig, device: torch.device,
+                compute_dtype: torch.dtype, skip: re.Pattern | None) -> BlockReport:
+    """Prune one block in place (SparseGPT section 4) and write its outputs on the calibration set, which are the
+    next block's inputs, to ``outputs`` (which may be ``inputs``: window j is read before it is overwritten).
+
+    The one routine both drivers run, so the in-memory and the streaming prune compute the same numbers. The block
+    computes on ``device`` in ``compute_dtype`` and returns to the CPU in its own dtype."""
+    start = time.perf_counter()
+    dtype = next(block.parameters()).dtype
+    block.to(device=device, dtype=compute_dtype)
+    reports: list[LinearReport] = []
+    skipped: list[str] = []
+    steps = [(group,) for group in adapter.groups] if config.true_sequential else [adapter.groups]
+    for groups in steps:
+        linears = {n: block.get_submodule(n) for group in groups for n in group}
+        skipped += [f"{prefix}.{n}" for n in linears if skip and skip.search(f"{prefix}.{n}")]
+        stats = _collect(block, adapter, groups, captured, inputs, skip, prefix, device)
+        for local, acc in stats.items():
+            reports.append(_prune_linear(linears[local], f"{prefix}.{local}", adapter, acc.H, config, solver))
+    for j in range(len(inputs)):  # outputs of the pruned block feed the next one
+        outputs.write(j, _block_output(block(inputs.read(j, device), *captured.args, **captured.kwargs)))
+    block.to(device="cpu", dtype=dtype)
+    return BlockReport(tuple(reports), tuple(skipped), time.perf_counter() - start)
+
+
+def capture_first_inputs(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
+    sink: Activations | None = None,
 ) -> _Captured:
     """Run the base model with only its first block, recording that block's inputs through a pre-hook.
 
     The block list is cut to its first block for the duration, so embeddings, the first block and the final
-    norm run, nothing raises through the model, and the language-model head never runs.
+    norm run, nothing raises through the model, and the language-model head never runs. The inputs
+    ([nsamples, seqlen, hidden] in ``dtype``) go to ``sink``, or to a new tensor on ``device`` (``hidden``).
     """
     blocks = adapter.blocks(model)
     base = model.base_model
     model_dtype = next(base.parameters()).dtype
-    store: dict = {}
+    store: dict = {"sink": sink, "hidden": None, "count": 0}
 
     def record(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if "hidden" not in store:
+        if store["sink"] is None:
             store["hidden"] = torch.empty((windows.shape[0], *hidden.shape[1:]), dtype=dtype, device=device)
+            store["sink"] = RamActivations(store["hidden"])
+        if "args" not in store:
             store["args"] = args[1:]
             store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        store["hidden"][store["count"] : store["count"] + 1] = hidden
+        store["sink"].write(store["count"], hidden)
         store["count"] += 1
 
-    store["count"] = 0
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     adapter.set_blocks(model, nn.ModuleList([blocks[0]]))
     try:
@@ -135,22 +180,22 @@ def _capture_first_inputs(
     return _Captured(store["hidden"], store["args"], store["kwargs"])
 
 
-def _collect(block, adapter, groups, captured, skip, names) -> dict[str, HessianAccumulator]:
+def _collect(block, adapter, groups, captured, inputs, skip, prefix, device) -> dict[str, HessianAccumulator]:
     """Run the block over the calibration set with a hook on the first linear of each group: one Hessian per
     group of linears that share an input (skipped linears take no part)."""
     stats: dict[str, HessianAccumulator] = {}
     handles = []
     for group in groups:
-        members = [local for local in group if not (skip and skip.search(names[block.get_submodule(local)]))]
+        members = [local for local in group if not (skip and skip.search(f"{prefix}.{local}"))]
         if not members:
             continue
         first = block.get_submodule(members[0])
-        acc = HessianAccumulator(adapter.get_weight(first).shape[1], device=captured.hidden.device)
+        acc = HessianAccumulator(adapter.get_weight(first).shape[1], device=device)
         handles.append(first.register_forward_hook(lambda module, inputs, output, acc=acc: acc.add(inputs[0])))
         stats.update({local: acc for local in members})
     try:
-        for j in range(captured.hidden.shape[0]):
-            block(captured.hidden[j : j + 1], *captured.args, **captured.kwargs)
+        for j in range(len(inputs)):
+            block(inputs.read(j, device), *captured.args, **captured.kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -160,12 +205,7 @@ def _collect(block, adapter, groups, captured, skip, names) -> dict[str, Hessian
 def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverConfig) -> LinearReport:
     start = time.perf_counter()
     W = adapter.get_weight(linear).clone()  # [out, in]
-    if config.method == "sparsegpt":
-        result: PruneResult = sparsify(W, H, config.spec, solver, name=name, quant=config.quant)
-    elif config.method == "wanda":
-        result = wanda(W, H, config.spec, name=name)
-    else:
-        result = magnitude(W, H, config.spec, name=name)
+    result: PruneResult = method(config.method)(W, H, config.spec, solver, name=name, quant=config.quant)
     adapter.set_weight(linear, result.weight)
     # With H = 2/n·XᵀX: ‖(W − Ŵ)Xᵀ‖²/n = loss − ½λ‖ΔW‖² over live inputs, and ‖WXᵀ‖²/n = ½·tr(WHWᵀ).
     live = H.diagonal() != 0

@@ -26,7 +26,7 @@ from sparse_deploy.io import check_output, resumable_stage, resumable_stage_path
 from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes, resolve_device
 from sparse_deploy.pruning.sequential import prune_sequential
 from sparse_deploy.pruning.streaming import RESUME_DIR, announce, prune_streaming, read_progress
-from sparse_deploy.pruning.weights import has_pickle_weights, has_safetensors
+from sparse_deploy.pruning.weights import SourceWeights, has_pickle_weights, has_safetensors
 
 
 @dataclass(frozen=True)
@@ -35,25 +35,36 @@ class PruneReport:
     manifest: Manifest
 
 
-def check_activation_memory(model_config, model_dtype: torch.dtype, config: PruneConfig, seqlen: int) -> None:
+def check_activation_memory(model_config, model_dtype: torch.dtype, config: PruneConfig, seqlen: int,
+                            spill_to: Path | None = None) -> None:
     """Refuse, before calibration, a run whose layer inputs (nsamples x seqlen x hidden, held for the whole run)
-    cannot fit in the memory of the device that holds them."""
+    cannot fit where they are kept: the device's memory, or on the CPU with ``spill_to`` (a streaming run, whose
+    activations go to a file there when they do not fit in RAM) that folder's disk. The windows' token ids stay in
+    RAM either way."""
     hidden = next((v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(model_config, k, None),
                                                                                int)), None)
     if hidden is None:
         return
     device = resolve_device(config.solver.device)
     dtype = torch.float32 if device.type == "cpu" else model_dtype
-    per_window = seqlen * (hidden * dtype.itemsize + 8)  # activations + the window's int64 token ids
-    needed = config.calibration.nsamples * per_window
-    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
-    if available is None or needed <= 0.9 * available:
+    ids, activations = seqlen * 8, seqlen * hidden * dtype.itemsize  # bytes per window
+    ram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    if ram is None:
         return
-    fits = int(0.9 * available // per_window)
+    if device.type == "cpu" and spill_to is not None:
+        disk = shutil.disk_usage(next(p for p in (spill_to, *spill_to.parents) if p.exists())).free
+        fits = int(min(0.9 * ram // ids, 0.9 * max(ram, disk) // activations))
+        where = f"RAM ({ram / 2**30:.1f} GiB free) and disk ({disk / 2**30:.1f} GiB free)"
+    else:
+        fits = int(0.9 * ram // (ids + activations))
+        where = f"{device.type} ({ram / 2**30:.1f} GiB free)"
+    if config.calibration.nsamples <= fits:
+        return
+    needed = config.calibration.nsamples * (ids + activations)
     raise ConfigError(
         f"--nsamples {config.calibration.nsamples} x --seqlen {seqlen} needs about {needed / 2**30:.1f} GiB for the "
-        f"layer inputs (x {hidden} hidden, {str(dtype).removeprefix('torch.')}) but {device.type} has "
-        f"{available / 2**30:.1f} GiB free; lower --nsamples to {fits} or less, or --seqlen"
+        f"layer inputs (x {hidden} hidden, {str(dtype).removeprefix('torch.')}), more than {where} can hold; lower "
+        f"--nsamples to {fits} or less, or --seqlen"
     )
 
 
@@ -118,8 +129,11 @@ def _prune_streaming(model: str, folder: Path, output: Path, config: PruneConfig
                      start: float) -> PruneReport:
     hf_config = load_config(str(folder), config.trust_remote_code)
     adapter = adapter_for(getattr(hf_config, "model_type", "unknown"))
+    weights = SourceWeights(folder)
+    weights.check_readable()  # before any slow work
     tokenizer = load_tokenizer(str(folder), config.trust_remote_code)
     seqlen = default_seqlen(hf_config, config.calibration.seqlen)
+    check_activation_memory(hf_config, weights.first_float_dtype(), config, seqlen, spill_to=output.parent)
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
     stage_path = resumable_stage_path(output)
     unfinished = read_progress(stage_path) if stage_path.is_dir() else None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparse_deploy.adapters import Adapter
-from sparse_deploy.errors import ModelLoadError, UnsupportedModelError
+from sparse_deploy.errors import ModelLoadError, UnsupportedModelError, first_line
 from sparse_deploy.hf import check_finite_weights
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,6 +49,8 @@ class SourceWeights:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ModelLoadError(f"{self.folder / INDEX_NAME} is not a valid shard index ({exc})") from None
         elif (self.folder / SINGLE_NAME).is_file():
+            self.weight_map = {SINGLE_NAME: SINGLE_NAME}  # until the header is read
+            self.check_readable()
             with self._open(str(self.folder / SINGLE_NAME), framework="pt") as fh:
                 self.weight_map = {key: SINGLE_NAME for key in fh.keys()}
         else:
@@ -57,6 +59,16 @@ class SourceWeights:
         if missing:
             raise ModelLoadError(f"{self.folder}: shard {missing[0]} named in {INDEX_NAME} is missing; copy the "
                                  f"whole model folder")
+
+    def check_readable(self) -> None:
+        """Open every shard's header now, so that a truncated or corrupt file fails before any slow work."""
+        for filename in self.files():
+            try:
+                with self._open(str(self.folder / filename), framework="pt"):
+                    pass
+            except Exception as exc:  # safetensors raises its own error type for a bad header
+                raise ModelLoadError(f"could not load the weights of {self.folder}: {filename} is not a readable "
+                                     f"safetensors file ({first_line(exc)})") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map

@@ -13,7 +13,7 @@ import torch
 from sparse_deploy import __version__
 from sparse_deploy.formats.checkpoint import SCALES_NAME, LayerRecord, Manifest, write_manifest, write_scales
 from sparse_deploy.config import PruneConfig
-from sparse_deploy.data.calibration import calibration_windows, tokenize
+from sparse_deploy.data.calibration import calibration_windows
 from sparse_deploy.errors import ConfigError
 from sparse_deploy.evaluation import EvalReport, evaluate  # noqa: F401  (part of this module's API)
 from sparse_deploy.hf import (

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from common import ROOT  # noqa: F401  (the checkout first on sys.path)
+import common  # noqa: F401  (puts the checkout first on sys.path)
 from sparse_deploy.runtime import kernels  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -53,6 +53,7 @@ class Backend(Protocol):
     name: str  # "torch" | "onnxruntime", recorded in the report
     kind: str  # "decoder" | "encoder"
     context: int | None  # the longest sequence it takes, when known
+    tokenizer: Any  # the model folder's transformers tokenizer: the protocol's text is tokenized with it
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, V] of whole windows ids [B, L] (no cache)."""

@@ -109,3 +109,15 @@ def test_export_info_reads_settings(tmp_path):
     info = read_export_info(tmp_path)
     assert (info.encoding, info.quantize, info.ops, info.opset, info.packed) == ("packed", "int8", "standard", 18, True)
     assert info.summary() == {"encoding": "packed", "quantize": "int8", "ops": "standard", "totals": {"weights": 3}}
+
+
+def test_export_info_reads_model_facts_and_files_without_them(tmp_path):
+    from sparse_deploy.formats.export_info import context_of, read_export_info, write_export_info
+
+    write_export_info(tmp_path, {"model": {"task": "text-generation-with-past", "kind": "decoder", "max_context": 512}})
+    info = read_export_info(tmp_path)
+    assert (info.kind, info.max_context) == ("decoder", 512)
+    write_export_info(tmp_path, {"model": {"task": "feature-extraction"}})  # written before kind and max_context
+    info = read_export_info(tmp_path)
+    assert (info.kind, info.max_context) == ("encoder", None)
+    assert context_of({"n_positions": 1024}) == 1024 and context_of({"max_position_embeddings": 0}) is None

@@ -13,7 +13,7 @@ import torch
 from tiny_models import make_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparse_deploy.api import evaluate
+from sparse_deploy.evaluation import evaluate
 from sparse_deploy.config import CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, SolverConfig
 from sparse_deploy.exporting import export
 from sparse_deploy.errors import InvalidInputError, RuntimeSessionError
@@ -138,3 +138,22 @@ def test_packed_export_runs_like_the_dense_one(tiny, tmp_path, calib_text):
         packed = ExportedModel(packed_dir, SessionConfig(packed=mode))
         assert DecoderRunner(packed).greedy(ids, 8, stop_at_eos=False).tolist() == expected.tolist(), mode
     assert packed.file_bytes < dense.file_bytes
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bert"])
+def test_export_json_written_before_model_facts_still_opens(tiny, tmp_path, model_type):
+    """export.json records the model's kind and context; a file written before those keys is read by its task and
+    config.json, to the same result."""
+    import shutil
+
+    _, exported = tiny(model_type)
+    recorded = json.loads((exported / "export.json").read_text())["model"]
+    assert recorded["kind"] == ("decoder" if model_type == "opt" else "encoder") and recorded["max_context"] > 0
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    data = json.loads((old / "export.json").read_text())
+    del data["model"]["kind"], data["model"]["max_context"]
+    (old / "export.json").write_text(json.dumps(data))
+    new_info, old_info = ExportedModel(exported).info, ExportedModel(old).info
+    assert (old_info.kind, old_info.max_context) == (new_info.kind, new_info.max_context)
+    assert (new_info.kind, new_info.max_context) == (recorded["kind"], recorded["max_context"])

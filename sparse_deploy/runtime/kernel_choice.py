@@ -29,6 +29,7 @@ import numpy as np
 
 from sparse_deploy.config import KERNEL_MODES
 from sparse_deploy.errors import ConfigError
+from sparse_deploy.formats.packed import Stored
 from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
 
 KernelMode = Literal["auto", "sparse", "dense"]
@@ -167,9 +168,12 @@ def _random_pattern(site: Site, rng: np.random.Generator) -> np.ndarray:
 
 
 def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]]:
-    """``rewrite``'s ``pack``: the native module's row packing of W [N, K] (int8 W with its per-row scale)."""
+    """``rewrite``'s ``pack``: the native module's row packing of W [N, K] (int8 W with its per-row scale; stored
+    fp32 chunks repacked without decoding)."""
 
-    def pack(site: Site, weight: np.ndarray, scale: np.ndarray | None) -> list[np.ndarray]:
+    def pack(site: Site, weight, scale: np.ndarray | None) -> list[np.ndarray]:
+        if isinstance(weight, Stored):  # fp32 W [N, K] as the file stores it: never decoded
+            return native.pack_bits(weight.mask_bits(), weight.nonzeros(), weight.shape).inputs()
         if site.op == OP_INT8:
             return native.pack_rows_int8(weight, scale).inputs()
         return native.pack_rows(weight).inputs()

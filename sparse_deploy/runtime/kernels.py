@@ -137,6 +137,29 @@ def pack_rows(w: Any) -> KernelWeights:
     return KernelWeights(mask, np.ascontiguousarray(w[keep]), row_ptr, None, w.shape)
 
 
+def pack_bits(bits: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> KernelWeights:
+    """Packs for SparseMatMul a float weight W [N, K] given as the bit stream of its nonzeros over the flattened
+    [N, K] (least significant bit first; the packed file layout) and its nonzero values in row-major order: the
+    values are used as they are (no copy when they are float32 and contiguous) and W is never decoded."""
+    n, k = shape
+    bits = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    if bits.size * 8 < n * k:
+        raise InvalidInputError(f"pack_bits: {bits.size} bytes of bits for a {n}x{k} weight")
+    if k % 64 == 0:
+        mask = bits[: n * k // 8].reshape(n, k // 8)
+        row_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bitwise_count(mask).sum(axis=1, dtype=np.int64), out=row_ptr[1:])
+        mask = np.ascontiguousarray(mask)
+    else:
+        keep = np.unpackbits(bits, count=n * k, bitorder="little").view(bool).reshape(n, k)
+        mask, row_ptr = _mask_and_rows(keep)
+    values = np.ascontiguousarray(np.asarray(values).reshape(-1), dtype=np.float32)
+    if row_ptr[-1] != values.size:
+        raise InvalidInputError(f"pack_bits: the bits of a {n}x{k} weight mark {row_ptr[-1]} nonzeros, "
+                                f"{values.size} values stored")
+    return KernelWeights(mask, values, row_ptr, None, (n, k))
+
+
 def quantize_rows(w: Any) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output row: scale = max|w_row| / 127, q = clamp(rint(w / scale), -127, 127)."""
     w = _as_matrix(w).astype(np.float32, copy=False)

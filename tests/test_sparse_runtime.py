@@ -187,3 +187,72 @@ def test_cli_kernels_and_bench_say_what_ran(exported, tmp_path, monkeypatch):
     from sparse_deploy.cli import _kernels_line
 
     assert _kernels_line(model.kernels.to_json()) == "sparse kernels: not used (no compiler here)"
+
+
+def test_read_graph_leaves_large_tensors_in_the_file(exported):
+    """The graph read from the wire format equals onnx.load's; tensors of min_bytes or more stay in the file and
+    read back equal."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sparse_deploy.formats.onnx_file import read_graph, tensor_array
+
+    path = exported("opt") / "model.onnx"
+    full, lazy = onnx.load(str(path)), read_graph(path, min_bytes=1024)
+    assert [n.name for n in lazy.graph.initializer] == [n.name for n in full.graph.initializer]
+    assert lazy.graph.node == full.graph.node and lazy.opset_import == full.opset_import
+    external = [t for t in lazy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 10 and lazy.ByteSize() < full.ByteSize() / 4
+    for a, b in zip(full.graph.initializer, lazy.graph.initializer):
+        x, y = numpy_helper.to_array(a), tensor_array(b, path.parent)
+        assert x.dtype == y.dtype and np.array_equal(x, y), a.name
+
+
+@pytest.mark.parametrize("k", [128, 100])
+def test_pack_bits_equals_pack_rows(k):
+    """The stored layout (bits over the flattened [N, K], values row-major) repacks to what pack_rows gives."""
+    from sparse_deploy.formats.packed import Stored, pack
+    from sparse_deploy.runtime.kernels import pack_bits, pack_rows
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, k), dtype=np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    stored = Stored(pack(w, chunk_elems=16 * k), w.shape)  # three chunks
+    got, want = pack_bits(stored.mask_bits(), stored.nonzeros(), w.shape), pack_rows(w)
+    for a, b in zip(got.inputs(), want.inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_tied_head_transpose_becomes_fused_matmul():
+    """MatMul(X, Transpose(E)) of a large initializer runs as FusedMatMul(X, E, transB=1): same output, and no
+    Transpose left for ONNX Runtime to fold into a second copy of E."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparse_deploy.runtime.sparse_ops import feed, rewrite
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((300, 64), dtype=np.float32)  # 75 KB: above the 64 KB threshold
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "Et"], ["logits"])], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 300])], [numpy_helper.from_array(emb, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    done = rewrite(model, None, fuse_transposes=True)
+    assert [n.op_type for n in done.model.graph.node] == ["Gather", "FusedMatMul"]
+    options = ort.SessionOptions()
+    fed = feed(done, options)
+    session = ort.InferenceSession(done.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del fed
+    ids = np.array([[3, 7, 299]], np.int64)
+    assert np.allclose(session.run(None, {"ids": ids})[0], emb[ids] @ emb.T, atol=1e-4)
+
+
+@needs_kernels
+def test_sparse_session_uses_the_kernel_arrays_in_place(exported):
+    """kernels=sparse: the packed weights reach the session as shared initializers (no copy by ONNX Runtime), and
+    the proto given to ONNX Runtime holds no weight data."""
+    model = ExportedModel(exported("opt"), SessionConfig(threads=1, kernels="sparse"))
+    held = model.session._sparse_deploy_arrays
+    assert sum(isinstance(a, np.ndarray) for a in held) == 3 * len(model.kernels.sparse) == 3 * 12

@@ -278,3 +278,16 @@ def test_c_program_runs_a_custom_op_export(exported, tmp_path):
     dense = ExportedModel(exported(), SessionConfig(threads=1, kernels="dense"))
     want = dense.session.run(["logits"], feeds)[0]
     assert logits.size == want.size and np.abs(logits - want.reshape(-1)).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
+    """A sparse op 3% faster, faster only in its best run (the median pair says slower), or timed while the pairs
+    disagreed (noisy) stays dense; the ratio and the noise flag survive the table."""
+    assert Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0)).sparse_wins
+    assert not Timing((2.0, 20.0), (1.94, 20.0)).sparse_wins, "within the 5% margin"
+    assert not Timing((2.0, 20.0), (1.5, 20.0), (1.02, 1.0)).sparse_wins, "the median pair says dense"
+    assert not Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True).sparse_wins
+    table = TimingTable("m", tmp_path / "t.json")
+    table.entries["k"] = Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True)
+    table.save()
+    assert TimingTable("m", tmp_path / "t.json").entries == table.entries

@@ -226,6 +226,8 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
     except ORT_ERRORS as exc:
         raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
     session._sparse_deploy_arrays = fed.shared  # ONNX Runtime copied fed.copied, which is freed here
+    del fed
+    kc.release_freed_memory()
     return session
 
 

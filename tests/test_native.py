@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_deploy.errors import KernelsUnavailableError
+from sparse_deploy.errors import InvalidInputError, KernelsUnavailableError
 from sparse_deploy.runtime import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,3 +321,24 @@ def test_c_program_runs_a_sparse_model(tmp_path):
     model.write_bytes(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), bias), 50, 24))
     y = run_c(exe, model, "Y", {"X": x}, tmp_path).reshape(2, 24)
     np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, cols, chunk", [(100, 40, 1 << 20), (129, 70, 16 * 70), (64, 64, 8 * 64)])
+def test_repack_transposed_equals_packing_the_transpose(rows, cols, chunk):
+    """The stored layout of S [R, C] repacks in one native pass to what pack_rows / pack_rows_int8 give for S^T."""
+    from sparse_deploy.formats.packed import Stored, pack
+
+    rng = np.random.default_rng(rows)
+    s = rng.standard_normal((rows, cols), dtype=np.float32)
+    s[rng.random(s.shape) < 0.6] = 0
+    stored = Stored(pack(s, chunk_elems=chunk), s.shape)
+    got = kernels.pack_bits(stored.mask_bits(), stored.nonzeros(), s.shape, transpose=True)
+    for a, b in zip(got.inputs(), kernels.pack_rows(s.T).inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    q, scale = kernels.quantize_rows(s.T)
+    qs = Stored(pack(np.ascontiguousarray(q.T), chunk_elems=chunk), s.shape)
+    got = kernels.pack_bits(qs.mask_bits(), qs.nonzeros(), s.shape, transpose=True, scale=scale)
+    for a, b in zip(got.inputs(), kernels.pack_rows_int8(q, scale).inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="mark"):
+        kernels.pack_bits(stored.mask_bits(), stored.nonzeros()[:-1], s.shape, transpose=True)

@@ -193,8 +193,9 @@ def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.nd
     fp32 chunks repacked without decoding)."""
 
     def pack(site: Site, weight, scale: np.ndarray | None) -> list[np.ndarray]:
-        if isinstance(weight, Stored):  # fp32 W [N, K] as the file stores it: never decoded
-            return native.pack_bits(weight.mask_bits(), weight.nonzeros(), weight.shape).inputs()
+        if isinstance(weight, Stored):  # as the file stores it ([K, N] when transposed): never decoded
+            return native.pack_bits(weight.mask_bits(), weight.nonzeros(), weight.shape, transpose=site.transpose,
+                                    scale=scale).inputs()
         if site.op == OP_INT8:
             return native.pack_rows_int8(weight, scale).inputs()
         return native.pack_rows(weight).inputs()

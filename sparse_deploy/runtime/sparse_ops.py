@@ -178,13 +178,14 @@ def rewrite(
 
     def put(name: str, stored: np.ndarray | Stored) -> TensorProto:
         site = sites.get(name)
-        array = stored.dense() if isinstance(stored, Stored) and (site is None or site.transpose
-                                                                  or site.op != OP_FP32) else stored
         if site is None:
+            array = stored.dense() if isinstance(stored, Stored) else stored
             arrays[name] = array
             return _placeholder(name, array)
-        weight = np.ascontiguousarray(array.T) if site.transpose else array  # [N, K]
-        del array, stored
+        weight = stored  # the stored chunks: pack repacks them without decoding
+        if not isinstance(stored, Stored):
+            weight = np.ascontiguousarray(stored.T) if site.transpose else stored  # [N, K]
+        del stored
         names = [f"{name}.sparse.{part}" for part in ("mask", "values", "row_ptr", "scale")]
         parts = pack(site, weight, scales.get(name))
         del weight

@@ -237,7 +237,8 @@ def test_tied_head_transpose_becomes_fused_matmul():
         [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
          helper.make_node("MatMul", ["h", "Et"], ["logits"])], "tied",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 300])], [numpy_helper.from_array(emb, "E")])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 300])],
+        [numpy_helper.from_array(emb, "E")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     done = rewrite(model, None, fuse_transposes=True)
     assert [n.op_type for n in done.model.graph.node] == ["Gather", "FusedMatMul"]

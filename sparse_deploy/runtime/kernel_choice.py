@@ -8,10 +8,9 @@ the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), 
 sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
 ``DECODE_STEPS`` tokens) takes less time with it, both by ``MARGIN`` (5%) and both by the fastest runs and by the
 median of the paired runs' ratios; a layer whose pair ratios spread too widely (a busy machine) stays dense, so that
-noise in the timing can only cost the gain, never make a layer slower than dense. A layer's node serves every M, so a layer whose decode gain
-outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
-is. The dense kernel is ORT's fp32 MatMul for fp32
-layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
+noise in the timing can only cost the gain, never make a layer slower than dense. A layer's node serves every M,
+so a layer whose decode gain outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one
+that loses at M = 1 never is. The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
 Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
 build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
 ~/.cache/sparse-deploy), so each shape is timed once per machine.

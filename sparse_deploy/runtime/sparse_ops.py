@@ -9,9 +9,9 @@ becomes one node of the ``ai.sparse_deploy`` domain:
     DynamicQuantizeLinear(X) ─► MatMulInteger(xq, Wq [K, N], xzp, 0) ─► Cast ─► Mul(·, xs · ws [N])
                                                                              ⇒  SparseMatMulInt8(X, mask, values, row_ptr, ws)
 
-The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed; a weight stored as
-[N, K] (Gemm, transB=1) goes to the kernels without being decoded (the stored values are the op's values). Nothing
-is written to disk and nothing is folded by ONNX Runtime. Opened from a file (``formats.onnx_file.read_graph``),
+The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed (one pass of the native
+library over the stored nonzeros); a weight stored as [N, K] (Gemm, transB=1) goes to the kernels as stored (its
+values are the op's values); neither is decoded to a dense array. Nothing is written to disk and nothing is folded by ONNX Runtime. Opened from a file (``formats.onnx_file.read_graph``),
 the proto holds the graph only: the packed weights are read one at a time from the file, and the other large
 tensors stay in the file for ONNX Runtime to read. The kernels' arrays (``shared``) go to the session without a
 copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``); packed weights that stay dense
@@ -196,8 +196,8 @@ def rewrite(
 
     packed = packed_names(model)
     strip_decoders(model, min_bytes, put, decode)
-    extra = [_placeholder(n, (shared if shared_location else arrays)[n], shared_location) for names in packed_inputs.values()
-             for n in names[1:]]
+    parts = shared if shared_location else arrays
+    extra = [_placeholder(n, parts[n], shared_location) for names in packed_inputs.values() for n in names[1:]]
     model.graph.initializer.extend(extra)
     _replace_nodes(model, sites, packed_inputs, chains)
     if fuse_transposes:

@@ -292,3 +292,16 @@ def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
     table.entries["k"] = Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True)
     table.save()
     assert TimingTable("m", tmp_path / "t.json").entries == table.entries
+
+
+def test_a_truncated_packed_file_is_one_clear_error(exported, tmp_path):
+    import shutil
+
+    from sparse_deploy.errors import RuntimeSessionError
+
+    folder = tmp_path / "truncated"
+    shutil.copytree(exported(), folder)
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeSessionError, match="could not decode the packed weights.*truncated protobuf"):
+        ExportedModel(folder, SessionConfig(kernels="sparse", verify=False))

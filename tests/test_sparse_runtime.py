@@ -305,3 +305,21 @@ def test_a_truncated_packed_file_is_one_clear_error(exported, tmp_path):
     (folder / "model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeSessionError, match="could not decode the packed weights.*truncated protobuf"):
         ExportedModel(folder, SessionConfig(kernels="sparse", verify=False))
+
+
+def test_weights_left_dense_go_through_a_removed_spill_file(exported, monkeypatch):
+    """kernels=dense decodes every packed weight into a temporary file in the folder that ONNX Runtime maps; the
+    file is gone once the session exists, and a folder it cannot write to falls back to handing arrays over."""
+    from sparse_deploy.runtime import sparse_ops
+
+    folder = exported()
+    before = sorted(p.name for p in folder.iterdir())
+    opened = []
+    real_open = sparse_ops.Spill.open
+    monkeypatch.setattr(sparse_ops.Spill, "open", classmethod(lambda cls, f: opened.append(real_open(f)) or opened[-1]))
+    _, spilled = run_decoder(folder, "dense")
+    assert opened and opened[0] is not None and not opened[0].path.exists()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    monkeypatch.setattr(sparse_ops.Spill, "open", classmethod(lambda cls, f: None))
+    _, in_memory = run_decoder(folder, "dense")
+    assert np.array_equal(spilled, in_memory)

@@ -11,20 +11,23 @@ becomes one node of the ``ai.sparse_deploy`` domain:
 
 The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed (one pass of the native
 library over the stored nonzeros); a weight stored as [N, K] (Gemm, transB=1) goes to the kernels as stored (its
-values are the op's values); neither is decoded to a dense array. Nothing is written to disk and nothing is folded by ONNX Runtime. Opened from a file (``formats.onnx_file.read_graph``),
-the proto holds the graph only: the packed weights are read one at a time from the file, and the other large
-tensors stay in the file for ONNX Runtime to read. The kernels' arrays (``shared``) go to the session without a
-copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``); packed weights that stay dense
-(another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded arrays (``arrays``) that ONNX
-Runtime copies (it then prepacks them for its MatMul and frees its copy). Needs numpy and onnx only (onnxruntime
-in ``feed``).
+values are the op's values); neither is decoded to a dense array. ONNX Runtime folds nothing. Opened from a file
+(``formats.onnx_file.read_graph``), the proto holds the graph only: the packed weights are read one at a time from
+the file, and the other large tensors stay in the file for ONNX Runtime to map. The kernels' arrays (``shared``) go
+to the session without a copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``). Packed
+weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded with
+numpy and written to a temporary file that ONNX Runtime maps (``Spill``), or else handed over as arrays
+(``arrays``), which ONNX Runtime copies. Needs numpy and onnx only (onnxruntime in ``feed``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,7 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, Loader, Stored, packed_names, read_parts, strip_decoders
 from sparse_deploy.runtime.kernels import DOMAIN, OP_FP32, OP_INT8  # the native library's op contract (numpy only)
 
-__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Fed", "Rewritten", "Site", "feed", "find_sites", "materialize", "rewrite"]
+__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Fed", "Rewritten", "Site", "Spill", "feed", "find_sites", "materialize",
+           "rewrite"]
 MIN_EXTERNAL_BYTES = 1 << 16  # initializers of this size or more go to the session as arrays, not in the proto
 
 
@@ -151,6 +155,7 @@ def rewrite(
     load: Loader = numpy_helper.to_array,
     shared_location: str | None = None,
     fuse_transposes: bool = False,
+    spill: Callable[[str, np.ndarray], TensorProto] | None = None,
 ) -> Rewritten:
     """In place: every packed weight is read once; where ``keep(site)`` holds, its consumer becomes a sparse node
     whose weight inputs are ``pack(site, W, scale [N] or None)`` (mask, values, row_ptr[, scale]), W being the
@@ -160,7 +165,8 @@ def rewrite(
     initializer. With ``shared_location`` (the model file's name), the kernels' arrays go to ``shared``, behind
     placeholders that name that file (ONNX Runtime checks that it exists, and reads nothing from it). With
     ``fuse_transposes``, MatMul(X, Transpose(W)) of a large initializer W becomes FusedMatMul(X, W, transB=1), so
-    that ONNX Runtime does not fold a transposed copy of W (a tied LM head)."""
+    that ONNX Runtime does not fold a transposed copy of W (a tied LM head). With ``spill`` (a ``Spill``), the
+    arrays that would go to ``arrays`` (decoded weights left dense) are written through it instead."""
     sites = {site.weight: site for site in find_sites(model, int8=int8, load=load)
              if pack is not None and keep(site)}
     uses = _consumers(model)
@@ -180,6 +186,8 @@ def rewrite(
         site = sites.get(name)
         if site is None:
             array = stored.dense() if isinstance(stored, Stored) else stored
+            if spill is not None:
+                return spill(name, array)
             arrays[name] = array
             return _placeholder(name, array)
         weight = stored  # the stored chunks: pack repacks them without decoding
@@ -205,6 +213,45 @@ def rewrite(
     _drop_dead(model)
     _ensure_domain(model, bool(sites))
     return Rewritten(model, arrays, shared, tuple(sites.values()), tuple(n for n in packed if n not in sites))
+
+
+class Spill:
+    """Arrays written one at a time to a temporary file in the model's folder, each becoming external data that
+    ONNX Runtime maps from it (64 KiB aligned): a decoded weight left dense then costs ONNX Runtime's prepacked copy
+    only, where an array handed over in memory is copied first. ``remove`` once the session exists."""
+
+    ALIGN = 1 << 16
+
+    def __init__(self, folder: str | Path):
+        fd, path = tempfile.mkstemp(prefix=".sparse-deploy-dense-", suffix=".bin", dir=str(folder))
+        self.path = Path(path)
+        self._fh = os.fdopen(fd, "wb")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Spill | None:
+        """A spill file in ``folder``, or None where the folder is not writable."""
+        try:
+            return cls(folder)
+        except OSError:
+            return None
+
+    def __call__(self, name: str, array: np.ndarray) -> TensorProto:
+        offset = self._fh.tell()
+        offset += self._fh.write(b"\0" * ((-offset) % self.ALIGN))
+        self._fh.write(np.ascontiguousarray(array).data)
+        tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass

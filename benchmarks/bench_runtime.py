@@ -12,6 +12,13 @@ decode_tokens_per_s, prefill_ms, load_s, peak_rss_mb, isa.
 
 ``--model opt-125m`` (the default) is the older study below.
 
+``--load-only`` measures opening the exports instead (the sparse-kernel issue's load targets): for each variant and
+kernel mode, ``--runs`` fresh processes taking turns, each creating one ``ExportedModel`` (2 threads, no digest
+check) and reporting the seconds it took and the process's peak RSS (VmHWM) and RSS after it. Packed variants
+are measured with kernels sparse, auto (timing table filled by one earlier load, whose time is reported as the
+cold load) and dense; dense exports with dense. Ratios are to the dense export of the same weight type (packed fp32
+to dense fp32, packed int8 to dense int8).
+
 Variants, each exported by ``sparse_deploy.exporting`` from the same magnitude-pruned checkpoint (random weights from
 ../shared/tokenizers/opt/config.json, every decoder-block Linear at 50%) and measured in a fresh process by
 ``sparse_deploy.bench``: dense fp32, packed-sparse fp32, int8 (dense storage), int8+packed, int4
@@ -188,6 +195,93 @@ def tinyllama(args, config: BenchConfig) -> None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+_LOAD = """
+import json, sys, time
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith(key))
+from sparse_deploy.runtime import ExportedModel, SessionConfig
+start = time.perf_counter()
+model = ExportedModel(sys.argv[1], SessionConfig(kernels=sys.argv[2], threads=2, verify=False))
+print(json.dumps({"load_s": time.perf_counter() - start, "peak_rss_mb": status("VmHWM"), "rss_mb": status("VmRSS"),
+                  "sparse_layers": len(model.kernels.sparse), "dense_layers": len(model.kernels.dense)}))
+"""
+
+
+def load_only(args, folders: dict[str, tuple[Path, tuple[str, ...], str]]) -> list[dict]:
+    """``folders``: variant -> (exported folder, kernel modes, baseline variant). Fresh processes, round robin."""
+    import os
+    import subprocess
+
+    from sparse_deploy.machine import machine_info
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SPARSE_DEPLOY_CACHE=str(args.cache or (args.work / "cache")))
+
+    def one(folder: Path, mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _LOAD, str(folder), mode], capture_output=True, text=True,
+                              env=env, timeout=900)
+        if done.returncode:
+            raise SystemExit(f"loading {folder} with kernels={mode} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = {v: one(f, "auto")["load_s"] for v, (f, modes, _) in folders.items() if "auto" in modes}
+    samples: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.runs):
+        for variant, (folder, modes, _) in folders.items():
+            for mode in modes:
+                samples.setdefault((variant, mode), []).append(one(folder, mode))
+    med = lambda key, xs: float(np.median([x[key] for x in xs]))  # noqa: E731
+    rows = [{"variant": v, "kernels": m, "load_s": med("load_s", xs), "load_s_range": [min(x["load_s"] for x in xs),
+             max(x["load_s"] for x in xs)], "peak_rss_mb": med("peak_rss_mb", xs),
+             "peak_rss_mb_range": [min(x["peak_rss_mb"] for x in xs), max(x["peak_rss_mb"] for x in xs)],
+             "rss_mb": med("rss_mb", xs), "sparse_layers": xs[0]["sparse_layers"],
+             "dense_layers": xs[0]["dense_layers"], "auto_cold_load_s": cold.get(v) if m == "auto" else None,
+             "baseline": folders[v][2]} for (v, m), xs in samples.items()]
+    base = {r["variant"]: r for r in rows if r["kernels"] == "dense"}
+    print(f"\n# load of each export, {args.runs} fresh processes per row (median [min-max]), 2 threads; "
+          f"{machine_info(('onnxruntime',)).describe()}")
+    print(f"{'variant':<14} {'kernels':<7} {'load s':>20} {'vs dense':>8} {'peak RSS MB':>20} {'vs dense':>8} "
+          f"{'RSS after MB':>12} {'sparse/dense layers':>19}")
+    for r in rows:
+        b = base[r["baseline"]]
+        r["load_vs_dense"], r["peak_rss_vs_dense"] = r["load_s"] / b["load_s"], r["peak_rss_mb"] / b["peak_rss_mb"]
+        lo, hi = r["load_s_range"]
+        plo, phi = r["peak_rss_mb_range"]
+        print(f"{r['variant']:<14} {r['kernels']:<7} {r['load_s']:6.2f} [{lo:5.2f}-{hi:5.2f}] "
+              f"{r['load_vs_dense']:7.2f}x {r['peak_rss_mb']:6.0f} [{plo:5.0f}-{phi:5.0f}] {r['peak_rss_vs_dense']:7.2f}x {r['rss_mb']:12.0f} "
+              f"{r['sparse_layers']:>9}/{r['dense_layers']:<9}" +
+              (f" (first auto load {r['auto_cold_load_s']:.2f} s)" if r["auto_cold_load_s"] else ""))
+    return rows
+
+
+def load_folders(args) -> dict[str, tuple[Path, tuple[str, ...], str]]:
+    """The exports --load-only opens (exported into --work on first use)."""
+    packed_modes = ("sparse", "auto", "dense")
+    if args.model == "tinyllama":
+        checkpoint = make_tinyllama(args.work / f"tinyllama-{args.layers}l", args.layers)
+        plan = {"dense-fp32": (ExportConfig(encoding="dense"), ("dense",), "dense-fp32"),
+                "sparse-fp32": (ExportConfig(encoding="packed"), packed_modes, "dense-fp32"),
+                "dense-int8": (ExportConfig(encoding="dense", quantize="int8"), ("dense",), "dense-int8"),
+                "sparse-int8": (ExportConfig(encoding="packed", quantize="int8"), packed_modes, "dense-int8")}
+        prefix = f"tinyllama-{args.layers}l-"
+    else:
+        checkpoint = args.work / "checkpoint"
+        if not (checkpoint / "config.json").exists():
+            make_checkpoint(spec_of("0.5"), checkpoint)
+        plan = {"dense-fp32": (VARIANTS["dense fp32"], ("dense",), "dense-fp32"),
+                "packed-fp32": (VARIANTS["packed fp32"], packed_modes, "dense-fp32"),
+                "int8": (VARIANTS["int8"], ("dense",), "int8"),
+                "int8-packed": (VARIANTS["int8+packed"], packed_modes, "int8")}
+        prefix = ""
+    folders = {}
+    for variant, (export_config, modes, baseline) in plan.items():
+        folder = args.work / f"{prefix}{variant}"
+        if not (folder / "model.onnx").exists():
+            export(checkpoint, folder, export_config, force=True)
+        folders[variant] = (folder, modes, baseline)
+    return folders
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -198,7 +292,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--model", choices=("opt-125m", "tinyllama"), default="opt-125m")
     parser.add_argument("--layers", type=int, default=22, help="tinyllama: decoder blocks (22 is the real model)")
+    parser.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only (see above)")
+    parser.add_argument("--cache", type=Path, default=None, help="--load-only: the kernel-choice table's folder")
     args = parser.parse_args()
+    if args.load_only:
+        if args.work is None:
+            raise SystemExit("--load-only needs --work DIR (the exports are kept there)")
+        rows = load_only(args, load_folders(args))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return
     config = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, threads=args.threads)
     if args.model == "tinyllama":
         tinyllama(args, replace(config, threads=args.threads or 2))

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_deploy.errors import KernelsUnavailableError
+from sparse_deploy.errors import InvalidInputError, KernelsUnavailableError
 from sparse_deploy.runtime import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,28 +277,68 @@ def _ort_headers() -> Path | None:
     return next((Path(c) for c in candidates if c and (Path(c) / "onnxruntime_c_api.h").is_file()), None)
 
 
-def test_c_program_runs_a_sparse_model(tmp_path):
-    """An app outside Python (C, linked against the wheel's libonnxruntime.so) registers the library and runs."""
+def build_c_runner(folder: Path) -> Path:
+    """tests/native_c/run_sparse.c compiled against the onnxruntime wheel's libonnxruntime.so (skips without a C
+    compiler or the ONNX Runtime headers)."""
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     headers = _ort_headers()
     libs = sorted((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so*"))
     if not compiler or headers is None or not libs:
         pytest.skip(f"needs a C compiler ({compiler}), ONNX Runtime headers ({headers}) and libonnxruntime ({libs})")
+    exe = folder / "run_sparse"
+    (folder / "libonnxruntime.so.1").symlink_to(libs[-1])  # the wheel's file carries the full version in its name
+    build = subprocess.run([compiler, "-std=c11", "-O1", "-Wall", "-Werror",
+                            str(ROOT / "tests" / "native_c" / "run_sparse.c"), f"-I{headers}", "-o", str(exe),
+                            str(folder / "libonnxruntime.so.1"), f"-Wl,-rpath,{folder}"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    return exe
+
+
+def run_c(exe: Path, model: Path, output: str, inputs: dict[str, np.ndarray], folder: Path) -> np.ndarray:
+    """The output ``output`` of ``model`` run by the C program on ``inputs`` (float32 or int64 arrays)."""
+    args = []
+    for name, array in inputs.items():
+        path = folder / f"{name}.bin"
+        path.write_bytes(array.tobytes())
+        kind = {np.dtype(np.float32): "f32", np.dtype(np.int64): "i64"}[array.dtype]
+        args.append(f"{name}={kind}:{'x'.join(str(d) for d in array.shape)}:{path}")
+    out = folder / f"{output}.out.bin"
+    run = subprocess.run([str(exe), str(model), str(kernels.library_path()), output, str(out), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return np.fromfile(out, np.float32)
+
+
+def test_c_program_runs_a_sparse_model(tmp_path):
+    """An app outside Python (C, linked against the wheel's libonnxruntime.so) registers the library and runs."""
+    exe = build_c_runner(tmp_path)
     rng = np.random.default_rng(8)
     w = _weight(rng, 24, 50, 0.5)
     bias = rng.standard_normal(24).astype(np.float32)
     x = rng.standard_normal((2, 50)).astype(np.float32)
     model = tmp_path / "sparse.onnx"
     model.write_bytes(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), bias), 50, 24))
-    (tmp_path / "x.bin").write_bytes(x.tobytes())
-    exe = tmp_path / "run_sparse"
-    (tmp_path / "libonnxruntime.so.1").symlink_to(libs[-1])  # the wheel's file carries the full version in its name
-    build = subprocess.run([compiler, "-std=c11", "-O1", str(ROOT / "tests" / "native_c" / "run_sparse.c"),
-                            f"-I{headers}", "-o", str(exe), str(tmp_path / "libonnxruntime.so.1"), f"-Wl,-rpath,{tmp_path}"],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(exe), str(model), str(kernels.library_path()), str(tmp_path / "x.bin"), "2", "50",
-                          str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stdout + run.stderr
-    y = np.fromfile(tmp_path / "y.bin", np.float32).reshape(2, 24)
+    y = run_c(exe, model, "Y", {"X": x}, tmp_path).reshape(2, 24)
     np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, cols, chunk", [(100, 40, 1 << 20), (129, 70, 16 * 70), (64, 64, 8 * 64)])
+def test_repack_transposed_equals_packing_the_transpose(rows, cols, chunk):
+    """The stored layout of S [R, C] repacks in one native pass to what pack_rows / pack_rows_int8 give for S^T."""
+    from sparse_deploy.formats.packed import Stored, pack
+
+    rng = np.random.default_rng(rows)
+    s = rng.standard_normal((rows, cols), dtype=np.float32)
+    s[rng.random(s.shape) < 0.6] = 0
+    stored = Stored(pack(s, chunk_elems=chunk), s.shape)
+    got = kernels.pack_bits(stored.mask_bits(), stored.nonzeros(), s.shape, transpose=True)
+    for a, b in zip(got.inputs(), kernels.pack_rows(s.T).inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    q, scale = kernels.quantize_rows(s.T)
+    qs = Stored(pack(np.ascontiguousarray(q.T), chunk_elems=chunk), s.shape)
+    got = kernels.pack_bits(qs.mask_bits(), qs.nonzeros(), s.shape, transpose=True, scale=scale)
+    for a, b in zip(got.inputs(), kernels.pack_rows_int8(q, scale).inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="mark"):
+        kernels.pack_bits(stored.mask_bits(), stored.nonzeros()[:-1], s.shape, transpose=True)

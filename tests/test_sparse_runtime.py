@@ -187,3 +187,139 @@ def test_cli_kernels_and_bench_say_what_ran(exported, tmp_path, monkeypatch):
     from sparse_deploy.cli import _kernels_line
 
     assert _kernels_line(model.kernels.to_json()) == "sparse kernels: not used (no compiler here)"
+
+
+def test_read_graph_leaves_large_tensors_in_the_file(exported):
+    """The graph read from the wire format equals onnx.load's; tensors of min_bytes or more stay in the file and
+    read back equal."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sparse_deploy.formats.onnx_file import read_graph, tensor_array
+
+    path = exported("opt") / "model.onnx"
+    full, lazy = onnx.load(str(path)), read_graph(path, min_bytes=1024)
+    assert [n.name for n in lazy.graph.initializer] == [n.name for n in full.graph.initializer]
+    assert lazy.graph.node == full.graph.node and lazy.opset_import == full.opset_import
+    external = [t for t in lazy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 10 and lazy.ByteSize() < full.ByteSize() / 4
+    for a, b in zip(full.graph.initializer, lazy.graph.initializer):
+        x, y = numpy_helper.to_array(a), tensor_array(b, path.parent)
+        assert x.dtype == y.dtype and np.array_equal(x, y), a.name
+
+
+@pytest.mark.parametrize("k", [128, 100])
+def test_pack_bits_equals_pack_rows(k):
+    """The stored layout (bits over the flattened [N, K], values row-major) repacks to what pack_rows gives."""
+    from sparse_deploy.formats.packed import Stored, pack
+    from sparse_deploy.runtime.kernels import pack_bits, pack_rows
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, k), dtype=np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    stored = Stored(pack(w, chunk_elems=16 * k), w.shape)  # three chunks
+    got, want = pack_bits(stored.mask_bits(), stored.nonzeros(), w.shape), pack_rows(w)
+    for a, b in zip(got.inputs(), want.inputs()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_tied_head_transpose_becomes_fused_matmul():
+    """MatMul(X, Transpose(E)) of a large initializer runs as FusedMatMul(X, E, transB=1): same output, and no
+    Transpose left for ONNX Runtime to fold into a second copy of E."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparse_deploy.runtime.sparse_ops import feed, rewrite
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((300, 64), dtype=np.float32)  # 75 KB: above the 64 KB threshold
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "Et"], ["logits"])], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 300])],
+        [numpy_helper.from_array(emb, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    done = rewrite(model, None, fuse_transposes=True)
+    assert [n.op_type for n in done.model.graph.node] == ["Gather", "FusedMatMul"]
+    options = ort.SessionOptions()
+    fed = feed(done, options)
+    session = ort.InferenceSession(done.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del fed
+    ids = np.array([[3, 7, 299]], np.int64)
+    assert np.allclose(session.run(None, {"ids": ids})[0], emb[ids] @ emb.T, atol=1e-4)
+
+
+@needs_kernels
+def test_sparse_session_uses_the_kernel_arrays_in_place(exported):
+    """kernels=sparse: the packed weights reach the session as shared initializers (no copy by ONNX Runtime), and
+    the proto given to ONNX Runtime holds no weight data."""
+    model = ExportedModel(exported("opt"), SessionConfig(threads=1, kernels="sparse"))
+    held = model.session._sparse_deploy_arrays
+    assert sum(isinstance(a, np.ndarray) for a in held) == 3 * len(model.kernels.sparse) == 3 * 12
+
+
+@needs_kernels
+def test_c_program_runs_a_custom_op_export(exported, tmp_path):
+    """A C app on the wheel's libonnxruntime.so, with the library registered, runs the model.onnx that
+    ``export(..., ExportConfig(ops="custom"))`` wrote (a tiny 50%-pruned Llama: 14 sparse nodes, KV-cache inputs)
+    and gets the logits of the runtime's dense path."""
+    from test_native import build_c_runner, run_c
+
+    exe = build_c_runner(tmp_path)
+    folder = exported(ops="custom")
+    model = ExportedModel(folder, SessionConfig(threads=1))
+    ids = np.random.default_rng(1).integers(100, 8000, size=(1, 9), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(9)[None]}
+    for i in model.session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, model.info.kv_heads, 0, model.info.head_dim), np.float32)
+    feeds = {i.name: feeds[i.name] for i in model.session.get_inputs()}
+    logits = run_c(exe, folder / "model.onnx", "logits", feeds, tmp_path)
+    dense = ExportedModel(exported(), SessionConfig(threads=1, kernels="dense"))
+    want = dense.session.run(["logits"], feeds)[0]
+    assert logits.size == want.size and np.abs(logits - want.reshape(-1)).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
+    """A sparse op 3% faster, faster only in its best run (the median pair says slower), or timed while the pairs
+    disagreed (noisy) stays dense; the ratio and the noise flag survive the table."""
+    assert Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0)).sparse_wins
+    assert not Timing((2.0, 20.0), (1.94, 20.0)).sparse_wins, "within the 5% margin"
+    assert not Timing((2.0, 20.0), (1.5, 20.0), (1.02, 1.0)).sparse_wins, "the median pair says dense"
+    assert not Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True).sparse_wins
+    table = TimingTable("m", tmp_path / "t.json")
+    table.entries["k"] = Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True)
+    table.save()
+    assert TimingTable("m", tmp_path / "t.json").entries == table.entries
+
+
+def test_a_truncated_packed_file_is_one_clear_error(exported, tmp_path):
+    import shutil
+
+    from sparse_deploy.errors import RuntimeSessionError
+
+    folder = tmp_path / "truncated"
+    shutil.copytree(exported(), folder)
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeSessionError, match="could not decode the packed weights.*truncated protobuf"):
+        ExportedModel(folder, SessionConfig(kernels="sparse", verify=False))
+
+
+def test_weights_left_dense_go_through_a_removed_spill_file(exported, monkeypatch):
+    """kernels=dense decodes every packed weight into a temporary file in the folder that ONNX Runtime maps; the
+    file is gone once the session exists, and a folder it cannot write to falls back to handing arrays over."""
+    from sparse_deploy.runtime import sparse_ops
+
+    folder = exported()
+    before = sorted(p.name for p in folder.iterdir())
+    opened = []
+    real_open = sparse_ops.Spill.open
+    monkeypatch.setattr(sparse_ops.Spill, "open", classmethod(lambda cls, f: opened.append(real_open(f)) or opened[-1]))
+    _, spilled = run_decoder(folder, "dense")
+    assert opened and opened[0] is not None and not opened[0].path.exists()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    monkeypatch.setattr(sparse_ops.Spill, "open", classmethod(lambda cls, f: None))
+    _, in_memory = run_decoder(folder, "dense")
+    assert np.array_equal(spilled, in_memory)

@@ -12,6 +12,7 @@ Export writes them together with a subgraph of standard ops that rebuilds the de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy.errors import ExportError, InvalidInputError
+
+Loader = Callable[[TensorProto], np.ndarray]
 
 SHARED_PREFIX = "sparse_deploy.packed"  # constants shared by all decode subgraphs (the bit lookup table, ...)
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 256 MB int32 per folded node; ONNX Runtime does not fold outputs over 1 GB
@@ -59,19 +62,47 @@ def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -
     return out.reshape(rows, cols)
 
 
-def read_packed(model: onnx.ModelProto, name: str) -> np.ndarray:
-    """Decode the packed weight ``name`` of an encoded model with numpy (what ONNX Runtime's folding computes)."""
+def read_parts(model: onnx.ModelProto, name: str, load: Loader = numpy_helper.to_array
+               ) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[int, int]]:
+    """The stored chunks of the packed weight ``name`` (as ``pack`` returns them) and its shape [R, C]; ``load``
+    reads one initializer (``formats.onnx_file.tensor_array`` for tensors left in the file)."""
     inits = {init.name: init for init in model.graph.initializer}
     shape = inits.get(f"{name}.packed.shape")
     if shape is None:
         raise InvalidInputError(f"{name} is not a packed weight of this model")
     parts, k = [], 0
     while f"{name}.packed.{k}.bits" in inits:
-        parts.append((numpy_helper.to_array(inits[f"{name}.packed.{k}.bits"]),
-                      numpy_helper.to_array(inits[f"{name}.packed.{k}.values"])))
+        parts.append((load(inits[f"{name}.packed.{k}.bits"]), load(inits[f"{name}.packed.{k}.values"])))
         k += 1
-    rows, cols = (int(d) for d in numpy_helper.to_array(shape))
-    return unpack(parts, (rows, cols))
+    rows, cols = (int(d) for d in load(shape))
+    return parts, (rows, cols)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A packed weight as the file stores it: ``pack``'s chunks and the shape [R, C]."""
+
+    parts: list[tuple[np.ndarray, np.ndarray]]
+    shape: tuple[int, int]
+
+    def dense(self) -> np.ndarray:
+        return unpack(self.parts, self.shape)
+
+    def mask_bits(self) -> np.ndarray:
+        """The bits of all chunks as one bit stream over the flattened [R, C] (every chunk but the last fills whole
+        bytes), at least R * C bits."""
+        return np.concatenate([bits for bits, _ in self.parts]) if len(self.parts) > 1 else self.parts[0][0]
+
+    def nonzeros(self) -> np.ndarray:
+        """The nonzero values in row-major order (a view when there is one chunk)."""
+        if len(self.parts) == 1:
+            return self.parts[0][1][1:]
+        return np.concatenate([values[1:] for _, values in self.parts])
+
+
+def read_packed(model: onnx.ModelProto, name: str, load: Loader = numpy_helper.to_array) -> np.ndarray:
+    """Decode the packed weight ``name`` of an encoded model with numpy (what ONNX Runtime's folding computes)."""
+    return unpack(*read_parts(model, name, load))
 
 
 PLACEHOLDER_LOCATION = "sparse_deploy-decoded-in-memory"
@@ -149,10 +180,11 @@ def _external(name: str, array: np.ndarray, location: str, offset: int) -> Tenso
     return tensor
 
 
-def strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
+def strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put, read=None) -> None:
     """In place: remove the decode subgraphs; each packed weight is decoded with numpy and handed to
     ``put(name, array) -> TensorProto``, which returns the initializer that takes its place. With ``min_bytes``,
-    every other in-proto initializer of at least that many bytes goes through ``put`` as well."""
+    every other in-proto initializer of at least that many bytes goes through ``put`` as well. ``read(name)``
+    replaces ``read_packed`` (what ``put`` receives for a packed weight is then whatever it returns)."""
     names = packed_names(model)
     prefixes = decoder_prefixes(names)
     decode = decoder_outputs(model, names)
@@ -160,7 +192,7 @@ def strip_decoders(model: onnx.ModelProto, min_bytes: int | None, put) -> None:
     by_name = {init.name: init for init in model.graph.initializer}
     kept = []
     for name in names:  # each weight's packed data is dropped from the proto once decoded: memory stays ~flat
-        kept.append(put(name, read_packed(model, name)))
+        kept.append(put(name, read(name) if read is not None else read_packed(model, name)))
         for key in [n for n in by_name if n.startswith(f"{name}.packed.") and not n.endswith(".shape")]:
             by_name[key].ClearField("raw_data")
     for init in model.graph.initializer:

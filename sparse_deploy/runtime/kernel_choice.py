@@ -6,10 +6,11 @@ sparse node only where it is faster on this CPU: for each distinct layer (shape,
 (enough copies of the layer that its weights stream from memory, as a whole model's do at each step), runs of
 the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
 sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
-``DECODE_STEPS`` tokens) takes less time with it. A layer's node serves every M, so a layer whose decode gain
-outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one that loses at M = 1 never
-is. The dense kernel is ORT's fp32 MatMul for fp32
-layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
+``DECODE_STEPS`` tokens) takes less time with it, both by ``MARGIN`` (5%) and both by the fastest runs and by the
+median of the paired runs' ratios; a layer whose pair ratios spread too widely (a busy machine) stays dense, so that
+noise in the timing can only cost the gain, never make a layer slower than dense. A layer's node serves every M,
+so a layer whose decode gain outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one
+that loses at M = 1 never is. The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
 Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
 build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
 ~/.cache/sparse-deploy), so each shape is timed once per machine.
@@ -29,6 +30,7 @@ import numpy as np
 
 from sparse_deploy.config import KERNEL_MODES
 from sparse_deploy.errors import ConfigError
+from sparse_deploy.formats.packed import Stored
 from sparse_deploy.machine import user_cache_dir as cache_dir
 from sparse_deploy.runtime.sparse_ops import DOMAIN, OP_INT8, Site
 
@@ -36,8 +38,11 @@ KernelMode = Literal["auto", "sparse", "dense"]
 PREFILL_M = 128
 DECODE_STEPS = 64  # the reference generation: a PREFILL_M-token prompt, then this many tokens
 TABLE_NAME = "kernel-choice.json"
-_WARMUP, _REPEATS = 2, 15
-_BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after 3 timed runs)
+_WARMUP, _REPEATS = 2, 21
+_MIN_PAIRS = {1: 7, PREFILL_M: 3}  # interleaved dense/sparse pairs timed at least, per M
+_BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after the minimum pairs)
+MARGIN = 0.05  # the sparse op must be this much faster than dense (M = 1 and the reference generation)
+NOISE = 0.3  # interquartile range of the pair ratios over their median above which a timing is noisy
 # A model's layers stream from memory at every decode step; one layer timed alone would sit in the last-level cache
 # and favour the dense kernel. The timed graph therefore holds enough copies of the layer (rows rolled, so no two
 # are equal) to pass this many bytes of dense weights, and each copy counts as one run of the layer.
@@ -52,16 +57,29 @@ def check_mode(mode: str) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds (fastest of interleaved runs) of one layer pattern at M = 1 and M = PREFILL_M."""
+    """Milliseconds (fastest of interleaved runs) of one layer pattern at M = 1 and M = PREFILL_M; ``ratio``: the
+    median over interleaved pairs of sparse / dense run time (None in tables written before it was recorded);
+    ``noisy``: the pairs disagreed too much to trust (the layer then stays dense)."""
 
     dense_ms: tuple[float, float]
     sparse_ms: tuple[float, float]
+    ratio: tuple[float, float] | None = None
+    noisy: bool = False
 
     @property
     def sparse_wins(self) -> bool:
-        dense = self.dense_ms[1] + DECODE_STEPS * self.dense_ms[0]
-        sparse = self.sparse_ms[1] + DECODE_STEPS * self.sparse_ms[0]
-        return self.sparse_ms[0] < self.dense_ms[0] and sparse < dense
+        """Sparse by a margin at M = 1 and over the reference generation, by the fastest runs and by the median
+        pair (so that neither a lucky run nor a slow spell of the machine decides), and not noisy."""
+        if self.noisy:
+            return False
+        (d1, dm), (s1, sm), limit = self.dense_ms, self.sparse_ms, 1 - MARGIN
+        dense = dm + DECODE_STEPS * d1
+        if s1 > limit * d1 or sm + DECODE_STEPS * s1 > limit * dense:
+            return False
+        if self.ratio is not None:
+            r1, rm = self.ratio
+            return r1 <= limit and rm * dm + DECODE_STEPS * r1 * d1 <= limit * dense
+        return True
 
 
 @dataclass
@@ -100,12 +118,15 @@ class TimingTable:
         self.entries: dict[str, Timing] = {}
         for key, value in (entries.items() if isinstance(entries, dict) else ()):
             try:
-                self.entries[key] = Timing(tuple(value["dense_ms"]), tuple(value["sparse_ms"]))
-            except (KeyError, TypeError):
+                ratio = value.get("ratio")
+                self.entries[key] = Timing(tuple(value["dense_ms"]), tuple(value["sparse_ms"]),
+                                           tuple(ratio) if ratio else None, bool(value.get("noisy", False)))
+            except (KeyError, TypeError, AttributeError):
                 continue
 
     def save(self) -> None:
-        self._all[self.setting] = {k: {"dense_ms": list(t.dense_ms), "sparse_ms": list(t.sparse_ms)}
+        self._all[self.setting] = {k: {"dense_ms": list(t.dense_ms), "sparse_ms": list(t.sparse_ms),
+                                       "ratio": list(t.ratio) if t.ratio else None, "noisy": t.noisy}
                                    for k, t in self.entries.items()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +182,13 @@ def _random_pattern(site: Site, rng: np.random.Generator) -> np.ndarray:
 
 
 def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]]:
-    """``rewrite``'s ``pack``: the native module's row packing of W [N, K] (int8 W with its per-row scale)."""
+    """``rewrite``'s ``pack``: the native module's row packing of W [N, K] (int8 W with its per-row scale; stored
+    fp32 chunks repacked without decoding)."""
 
-    def pack(site: Site, weight: np.ndarray, scale: np.ndarray | None) -> list[np.ndarray]:
+    def pack(site: Site, weight, scale: np.ndarray | None) -> list[np.ndarray]:
+        if isinstance(weight, Stored):  # as the file stores it ([K, N] when transposed): never decoded
+            return native.pack_bits(weight.mask_bits(), weight.nonzeros(), weight.shape, transpose=site.transpose,
+                                    scale=scale).inputs()
         if site.op == OP_INT8:
             return native.pack_rows_int8(weight, scale).inputs()
         return native.pack_rows(weight).inputs()
@@ -173,9 +198,14 @@ def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.nd
 
 def measure(site: Site, native, threads: int | None) -> Timing:
     """Time the dense and the sparse kernel on models of this layer's pattern (random weights), each holding
-    ``copies`` nodes of the layer with their own weights, so that the weights stream from memory as in a model."""
+    ``copies`` nodes of the layer with their own weights, so that the weights stream from memory as in a model.
+    The weights reach ONNX Runtime as arrays it uses in place (no copy in a proto), and are freed on return."""
+    import tempfile
+
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
+
+    from sparse_deploy.runtime.sparse_ops import _placeholder
 
     pack, register = packer(native), native.register
     rng = np.random.default_rng(0)
@@ -189,26 +219,26 @@ def measure(site: Site, native, threads: int | None) -> Timing:
     else:
         copy = lambda i: (np.roll(w, i, axis=0), None)  # noqa: E731
     names = ["mask", "values", "row_ptr", "scale"]
-    dense_nodes, dense_inits, sparse_nodes, sparse_inits = [], [], [], []
+    dense_nodes, dense_arrays, sparse_nodes, sparse_arrays = [], {}, [], {}
     for i in range(copies):
         wi, si = copy(i)
+        dense_arrays[f"w{i}"] = np.ascontiguousarray(wi.T)
         if site.op == OP_INT8:
-            dense_inits += [numpy_helper.from_array(np.ascontiguousarray(wi.T), f"w{i}"),
-                            numpy_helper.from_array(si, f"s{i}"),
-                            numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")]
+            dense_arrays |= {f"s{i}": si, f"z{i}": np.zeros(n, np.int8)}
             dense_nodes.append(helper.make_node("DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
                                                 domain="com.microsoft"))
         else:
-            dense_inits.append(numpy_helper.from_array(np.ascontiguousarray(wi.T), f"w{i}"))
             dense_nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
         parts = pack(site, wi, si)
-        sparse_inits += [numpy_helper.from_array(part, f"{name}{i}") for part, name in zip(parts, names)]
+        sparse_arrays |= {f"{name}{i}": part for part, name in zip(parts, names)}
         sparse_nodes.append(helper.make_node(site.op, ["x", *(f"{name}{i}" for name in names[: len(parts)])],
                                              [f"y{i}"], domain=DOMAIN))
+    del w, copy
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(DOMAIN, 1)]
 
-    def session(nodes, inits) -> ort.InferenceSession:
+    def session(nodes, arrays, folder: str) -> ort.InferenceSession:
         outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n]) for i in range(copies)]
+        inits = [_placeholder(name, array, "placeholder") for name, array in arrays.items()]
         graph = helper.make_graph(nodes, "layer", [x_info], outputs, inits)
         model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
@@ -216,31 +246,70 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         options.log_severity_level = 3
         # two sessions take turns: a pool spinning after its run would steal the other's cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if nodes[0].domain == DOMAIN:
             register(options)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess._sparse_deploy_arrays = (values, arrays)  # used in place: they live as long as the session
+        return sess
 
-    def median_ms(sessions, m: int) -> tuple[float, float]:
-        """Fastest runs of the two sessions, interleaved: on a shared machine other work only ever adds time, so
-        the minimum is the stable estimate of each kernel's own cost."""
+    def paired(sessions, m: int) -> tuple[float, float, float, float]:
+        """Interleaved runs of the two sessions (which goes first alternates): the fastest run of each (on a shared
+        machine other work only adds time, so the minimum is each kernel's own cost), the median of the pairs'
+        sparse / dense ratios (a slow spell hits both runs of a pair) and its relative interquartile range."""
         x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
         for sess in sessions:
             for _ in range(_WARMUP if m == 1 else 1):
                 sess.run(None, x)
-        samples: list[list[float]] = [[], []]
-        while len(samples[0]) < _REPEATS and (len(samples[0]) < 3 or sum(map(sum, samples)) < 2 * _BUDGET_S):
-            for sess, out in zip(sessions, samples):
+        dense, sparse = [], []
+        spent, spread = 0.0, float("inf")
+        while len(dense) < _REPEATS and (len(dense) < _MIN_PAIRS[m] or spent < 2 * _BUDGET_S
+                                         or (spread > NOISE and spent < 8 * _BUDGET_S)):  # noisy: a few more
+            pair = {}
+            for sess in (sessions if len(dense) % 2 == 0 else sessions[::-1]):
                 start = time.perf_counter()
                 sess.run(None, x)
-                out.append(time.perf_counter() - start)
-        return min(samples[0]) * 1e3 / copies, min(samples[1]) * 1e3 / copies
+                pair[id(sess)] = time.perf_counter() - start
+            dense.append(pair[id(sessions[0])])
+            sparse.append(pair[id(sessions[1])])
+            spent += dense[-1] + sparse[-1]
+            if len(dense) >= _MIN_PAIRS[m]:
+                q1, med, q3 = np.percentile(np.array(sparse) / np.array(dense), [25, 50, 75])
+                spread = (q3 - q1) / med
+        return min(dense) * 1e3 / copies, min(sparse) * 1e3 / copies, float(med), float(spread)
 
-    pair = (session(dense_nodes, dense_inits), session(sparse_nodes, sparse_inits))
-    d1, s1 = median_ms(pair, 1)
-    if s1 >= d1:  # dense wins the decode step: the prompt is not timed (recorded as equal)
-        return Timing((d1, d1), (s1, d1))
-    dm, sm = median_ms(pair, PREFILL_M)
-    return Timing((d1, dm), (s1, sm))
+    with tempfile.TemporaryDirectory(prefix="sparse-deploy-timing-") as folder:
+        Path(folder, "placeholder").touch()  # what the placeholders name: ONNX Runtime checks it exists
+        pair = (session(dense_nodes, dense_arrays, folder), session(sparse_nodes, sparse_arrays, folder))
+    del dense_arrays, sparse_arrays
+    try:
+        d1, s1, r1, spread1 = paired(pair, 1)
+        if min(s1 / d1, r1) > 1 - MARGIN or spread1 > NOISE:  # dense wins the decode step: the prompt is not timed
+            return Timing((d1, d1), (s1, d1), (r1, 1.0), spread1 > NOISE)
+        dm, sm, rm, spreadm = paired(pair, PREFILL_M)
+        return Timing((d1, dm), (s1, sm), (r1, rm), max(spread1, spreadm) > NOISE)
+    finally:
+        del pair
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps freed blocks of up to 32 MB in its heap, so the
+    timing graphs' weights would otherwise stay in the process's resident memory); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = libc.malloc_trim if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if trim is not None:
+        trim(0)

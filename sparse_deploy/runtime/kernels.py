@@ -137,6 +137,63 @@ def pack_rows(w: Any) -> KernelWeights:
     return KernelWeights(mask, np.ascontiguousarray(w[keep]), row_ptr, None, w.shape)
 
 
+def pack_bits(bits: np.ndarray, values: np.ndarray, shape: tuple[int, int], *, transpose: bool = False,
+              scale: Any = None) -> KernelWeights:
+    """Packs a weight given as the packed file stores it: the bit stream of its nonzeros over the flattened
+    ``shape`` [R, C] (least significant bit first) and its nonzero values in row-major order, never decoding it.
+    W is the stored weight ([N, K] = [R, C]) or, with ``transpose``, its transpose ([N, K] = [C, R]; one pass in the
+    native library). int8 values need their per-row ``scale`` [N] (SparseMatMulInt8); float values give SparseMatMul.
+    Untransposed float32 values are used as they are (no copy)."""
+    rows, cols = shape
+    bits = np.ascontiguousarray(bits, dtype=np.uint8).reshape(-1)
+    values = np.asarray(values).reshape(-1)
+    if bits.size * 8 < rows * cols:
+        raise InvalidInputError(f"pack_bits: {bits.size} bytes of bits for a {rows}x{cols} weight")
+    if scale is not None:
+        scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
+        values = np.ascontiguousarray(values, dtype=np.int8)
+    else:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+    n, k = (cols, rows) if transpose else (rows, cols)
+    if scale is not None and scale.shape != (n,):
+        raise InvalidInputError(f"pack_bits: scale must be [{n}], got {scale.shape}")
+    if transpose:
+        mask, values, row_ptr = _repack_transposed(bits, values, rows, cols)
+    elif k % 64 == 0:
+        mask = np.ascontiguousarray(bits[: n * k // 8].reshape(n, k // 8))
+        row_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bitwise_count(mask).sum(axis=1, dtype=np.int64), out=row_ptr[1:])
+    else:
+        keep = np.unpackbits(bits, count=n * k, bitorder="little").view(bool).reshape(n, k)
+        mask, row_ptr = _mask_and_rows(keep)
+    if row_ptr[-1] != values.size:
+        raise InvalidInputError(f"pack_bits: the bits of a {rows}x{cols} weight mark {row_ptr[-1]} nonzeros, "
+                                f"{values.size} values stored")
+    return KernelWeights(mask, values, row_ptr, scale, (n, k))
+
+
+def _repack_transposed(bits: np.ndarray, values: np.ndarray, rows: int, cols: int):
+    """(mask, values, row_ptr) of the transpose [cols, rows] of the stored weight, by the native library."""
+    state = availability()
+    if not state.ok:
+        raise KernelsUnavailableError(state.reason)
+    fn = ctypes.CDLL(str(state.path)).SparseDeployRepackTransposed
+    fn.restype = ctypes.c_int64
+    mask = np.empty((cols, 8 * -(-rows // 64)), np.uint8)
+    out = np.empty_like(values)
+    row_ptr = np.empty(cols + 1, np.int64)
+    ptr = ctypes.c_void_p
+    got = fn(ptr(bits.ctypes.data), ptr(values.ctypes.data), ctypes.c_int64(values.size), ctypes.c_int64(rows),
+             ctypes.c_int64(cols), ctypes.c_int64(values.itemsize), ptr(mask.ctypes.data),
+             ctypes.c_int64(mask.shape[1]), ptr(out.ctypes.data), ptr(row_ptr.ctypes.data))
+    if got < 0:
+        raise MemoryError("SparseDeployRepackTransposed: out of memory")
+    if got != values.size:
+        raise InvalidInputError(f"pack_bits: the bits of a {rows}x{cols} weight mark {got} nonzeros, "
+                                f"{values.size} values stored")
+    return mask, out, row_ptr
+
+
 def quantize_rows(w: Any) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output row: scale = max|w_row| / 127, q = clamp(rint(w / scale), -127, 127)."""
     w = _as_matrix(w).astype(np.float32, copy=False)

@@ -17,7 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from sparse_deploy.errors import ConfigError, KernelsUnavailableError, RuntimeSessionError, first_line
+from sparse_deploy.errors import (ConfigError, InvalidInputError, KernelsUnavailableError, RuntimeSessionError,
+                                  first_line)
 from sparse_deploy.formats.export_info import ExportInfo, context_of, read_export_info
 from sparse_deploy.integrity import verify_export
 from sparse_deploy.runtime.kernel_choice import Choice, KernelMode, check_mode
@@ -187,13 +188,11 @@ def _open_custom(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
 
 
 def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.InferenceSession:
-    """Decode the packed weights with numpy in memory; on the native kernels where ``config.kernels`` says so
-    (``runtime.sparse_ops``), else dense. No file is written and ONNX Runtime folds nothing."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+    """The packed weights on the native kernels where ``config.kernels`` says so (``runtime.sparse_ops``), else
+    decoded with numpy; ONNX Runtime folds nothing. The decoded weights go through a temporary file in the folder,
+    removed once the session exists (in memory where the folder is read-only)."""
     from sparse_deploy.runtime import kernel_choice as kc
-    from sparse_deploy.runtime.sparse_ops import rewrite
+    from sparse_deploy.runtime.sparse_ops import Spill
 
     native, reason = native_kernels() if config.kernels != "dense" else (None, "")
     if native is None and config.kernels == "sparse":
@@ -206,11 +205,29 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
             table = kc.TimingTable(kc.setting_key(choice.isa, config.threads, native.library_path()))
         pack = kc.packer(native)
         keep = kc.chooser(config.kernels, choice, lambda site: kc.measure(site, native, config.threads), table)
+    spill = Spill.open(onnx_file.parent)  # weights left dense: a temporary file ONNX Runtime maps (None: read-only)
     try:
-        model = onnx.load(str(onnx_file))
-        done = rewrite(model, pack, keep, int8=True)
-    except (OSError, ValueError, KeyError, DecodeError) as exc:
+        return _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill)
+    finally:
+        if spill is not None:
+            spill.remove()
+
+
+def _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill) -> ort.InferenceSession:
+    from google.protobuf.message import DecodeError
+
+    from sparse_deploy.formats.onnx_file import read_graph, tensor_array
+    from sparse_deploy.runtime import kernel_choice as kc
+    from sparse_deploy.runtime.sparse_ops import feed, rewrite
+
+    try:
+        model = read_graph(onnx_file)  # the graph only: the weights stay in the file until used
+        done = rewrite(model, pack, keep, int8=True, load=lambda t: tensor_array(t, onnx_file.parent),
+                       shared_location=onnx_file.name, fuse_transposes=True, spill=spill)
+    except (OSError, ValueError, KeyError, DecodeError, InvalidInputError) as exc:
         raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
+    if spill is not None:
+        spill.close()
     if table is not None:
         table.save()
     if not done.sparse and native is not None and not choice.reason:
@@ -220,17 +237,16 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
     options = _options(config)
     if done.sparse:
         native.register(options)
-    names = list(done.arrays)
-    values = [ort.OrtValue.ortvalue_from_numpy(done.arrays[name]) for name in names]
-    if names:
-        options.add_external_initializers(names, values)
+    fed = feed(done, options, str(onnx_file.parent))  # fed.shared: the kernels' arrays, used in place
     data = done.model.SerializeToString()
     del model, done
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=list(config.providers))
     except ORT_ERRORS as exc:
         raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
-    del values, names  # ONNX Runtime copied the external initializers into its own buffers (measured, 1.31)
+    session._sparse_deploy_arrays = fed.shared  # ONNX Runtime copied fed.copied, which is freed here
+    del fed
+    kc.release_freed_memory()
     return session
 
 

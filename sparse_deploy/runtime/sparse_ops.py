@@ -9,27 +9,35 @@ becomes one node of the ``ai.sparse_deploy`` domain:
     DynamicQuantizeLinear(X) ─► MatMulInteger(xq, Wq [K, N], xzp, 0) ─► Cast ─► Mul(·, xs · ws [N])
                                                                              ⇒  SparseMatMulInt8(X, mask, values, row_ptr, ws)
 
-The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed. Nothing is written to
-disk and nothing is folded by ONNX Runtime: weights are decoded one at a time with numpy, packed for the kernels
-at once, and handed to the session as external initializers (``arrays``), so the model proto shrinks to the graph.
-Packed weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are the
-decoded dense arrays. Needs numpy and onnx only.
+The op's weight is W [N, K] (out x in): a MatMul's [K, N] weight is transposed when packed (one pass of the native
+library over the stored nonzeros); a weight stored as [N, K] (Gemm, transB=1) goes to the kernels as stored (its
+values are the op's values); neither is decoded to a dense array. ONNX Runtime folds nothing. Opened from a file
+(``formats.onnx_file.read_graph``), the proto holds the graph only: the packed weights are read one at a time from
+the file, and the other large tensors stay in the file for ONNX Runtime to map. The kernels' arrays (``shared``) go
+to the session without a copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``). Packed
+weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded with
+numpy and written to a temporary file that ONNX Runtime maps (``Spill``), or else handed over as arrays
+(``arrays``), which ONNX Runtime copies. Needs numpy and onnx only (onnxruntime in ``feed``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, packed_names, strip_decoders
+from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, Loader, Stored, packed_names, read_parts, strip_decoders
 from sparse_deploy.runtime.kernels import DOMAIN, OP_FP32, OP_INT8  # the native library's op contract (numpy only)
 
-__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Rewritten", "Site", "find_sites", "materialize", "rewrite"]
+__all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Fed", "Rewritten", "Site", "Spill", "feed", "find_sites", "materialize",
+           "rewrite"]
 MIN_EXTERNAL_BYTES = 1 << 16  # initializers of this size or more go to the session as arrays, not in the proto
 
 
@@ -60,6 +68,7 @@ class Rewritten:
 
     model: onnx.ModelProto
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # kernel arrays the session uses in place
     sparse: tuple[Site, ...] = ()  # sites now running a sparse node
     dense: tuple[str, ...] = ()  # packed weights left dense
 
@@ -76,14 +85,14 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return uses
 
 
-def _packed_shape_nnz(model: onnx.ModelProto, name: str) -> tuple[tuple[int, int], int]:
+def _packed_shape_nnz(model: onnx.ModelProto, name: str, load: Loader) -> tuple[tuple[int, int], int]:
     inits = {init.name: init for init in model.graph.initializer if init.name.startswith(f"{name}.packed.")}
-    rows, cols = (int(d) for d in numpy_helper.to_array(inits[f"{name}.packed.shape"]))
+    rows, cols = (int(d) for d in load(inits[f"{name}.packed.shape"]))
     chunks = [init for key, init in inits.items() if key.endswith(".values")]
     return (rows, cols), sum(math.prod(init.dims) - 1 for init in chunks)  # each chunk's values lead with a 0
 
 
-def find_sites(model: onnx.ModelProto, *, int8: bool = True) -> list[Site]:
+def find_sites(model: onnx.ModelProto, *, int8: bool = True, load: Loader = numpy_helper.to_array) -> list[Site]:
     """The packed weights of ``model`` whose single consumer one sparse node can replace."""
     uses = _consumers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -95,7 +104,7 @@ def find_sites(model: onnx.ModelProto, *, int8: bool = True) -> list[Site]:
         if len(users) != 1 or name in outputs:
             continue
         node = users[0]
-        (rows, cols), nnz = _packed_shape_nnz(model, name)
+        (rows, cols), nnz = _packed_shape_nnz(model, name, load)
         if node.op_type == "MatMul" and node.input[1] == name:
             sites.append(Site(name, node.output[0], OP_FP32, True, (cols, rows), nnz))
         elif node.op_type == "Gemm" and node.input[1] == name:
@@ -106,19 +115,19 @@ def find_sites(model: onnx.ModelProto, *, int8: bool = True) -> list[Site]:
             n = cols if trans else rows
             sites.append(Site(name, node.output[0], OP_FP32, trans, (n, rows if trans else cols), nnz))
         elif int8 and node.op_type == "MatMulInteger" and node.input[1] == name \
-                and _int8_chain(node, uses, producers, inits) is not None:
+                and _int8_chain(node, uses, producers, inits, load) is not None:
             sites.append(Site(name, node.output[0], OP_INT8, True, (cols, rows), nnz))
     return sites
 
 
-def _int8_chain(node, uses, producers, inits):
+def _int8_chain(node, uses, producers, inits, load: Loader = numpy_helper.to_array):
     """(X, weight scale, the final Mul) of DynamicQuantizeLinear → MatMulInteger → Cast → Mul(·, xs · ws), with a
     zero weight zero point; None when the graph has another shape."""
     quant = producers.get(node.input[0])
     if quant is None or quant.op_type != "DynamicQuantizeLinear" or len(node.input) < 4:
         return None
     zp = inits.get(node.input[3])
-    if zp is None or np.any(numpy_helper.to_array(zp)):
+    if zp is None or np.any(load(zp)):
         return None
     cast = uses.get(node.output[0], [])
     if len(cast) != 1 or cast[0].op_type != "Cast":
@@ -138,47 +147,165 @@ def _int8_chain(node, uses, producers, inits):
 
 def rewrite(
     model: onnx.ModelProto,
-    pack: Callable[[Site, np.ndarray, np.ndarray | None], list[np.ndarray]] | None,
+    pack: Callable[[Site, np.ndarray | Stored, np.ndarray | None], list[np.ndarray]] | None,
     keep: Callable[[Site], bool] = lambda site: True,
     *,
     int8: bool = True,
     min_bytes: int | None = MIN_EXTERNAL_BYTES,
+    load: Loader = numpy_helper.to_array,
+    shared_location: str | None = None,
+    fuse_transposes: bool = False,
+    spill: Callable[[str, np.ndarray], TensorProto] | None = None,
 ) -> Rewritten:
-    """In place: every packed weight is decoded once; where ``keep(site)`` holds, its consumer becomes a sparse node
-    whose weight inputs are ``pack(site, W [N, K], scale [N] or None)`` (mask, values, row_ptr[, scale]); the other
-    packed weights stay dense (all of them when ``pack`` is None: no native library). Initializers of ``min_bytes`` or
-    more leave the proto for ``arrays``."""
-    sites = {site.weight: site for site in find_sites(model, int8=int8) if pack is not None and keep(site)}
+    """In place: every packed weight is read once; where ``keep(site)`` holds, its consumer becomes a sparse node
+    whose weight inputs are ``pack(site, W, scale [N] or None)`` (mask, values, row_ptr[, scale]), W being the
+    decoded [N, K] array, or the stored chunks (``Stored``) when the file holds W as [N, K] and fp32; the other
+    packed weights stay dense (all of them when ``pack`` is None: no native library). Initializers of ``min_bytes``
+    or more in the proto leave it for ``arrays``; those left in the file (external) stay there. ``load`` reads one
+    initializer. With ``shared_location`` (the model file's name), the kernels' arrays go to ``shared``, behind
+    placeholders that name that file (ONNX Runtime checks that it exists, and reads nothing from it). With
+    ``fuse_transposes``, MatMul(X, Transpose(W)) of a large initializer W becomes FusedMatMul(X, W, transB=1), so
+    that ONNX Runtime does not fold a transposed copy of W (a tied LM head). With ``spill`` (a ``Spill``), the
+    arrays that would go to ``arrays`` (decoded weights left dense) are written through it instead."""
+    sites = {site.weight: site for site in find_sites(model, int8=int8, load=load)
+             if pack is not None and keep(site)}
     uses = _consumers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     inits = {init.name: init for init in model.graph.initializer}
-    chains = {name: _int8_chain(uses[name][0], uses, producers, inits)
+    chains = {name: _int8_chain(uses[name][0], uses, producers, inits, load)
               for name, site in sites.items() if site.op == OP_INT8}
-    scales = {name: numpy_helper.to_array(inits[chain[1]]).astype(np.float32) for name, chain in chains.items()}
+    scales = {name: load(inits[chain[1]]).astype(np.float32) for name, chain in chains.items()}
     arrays: dict[str, np.ndarray] = {}
+    shared: dict[str, np.ndarray] = {}
     packed_inputs: dict[str, list[str]] = {}
 
-    def put(name: str, array: np.ndarray) -> TensorProto:
+    def decode(name: str) -> Stored:
+        return Stored(*read_parts(model, name, load))
+
+    def put(name: str, stored: np.ndarray | Stored) -> TensorProto:
         site = sites.get(name)
         if site is None:
+            array = stored.dense() if isinstance(stored, Stored) else stored
+            if spill is not None:
+                return spill(name, array)
             arrays[name] = array
             return _placeholder(name, array)
-        weight = np.ascontiguousarray(array.T) if site.transpose else array  # [N, K]
+        weight = stored  # the stored chunks: pack repacks them without decoding
+        if not isinstance(stored, Stored):
+            weight = np.ascontiguousarray(stored.T) if site.transpose else stored  # [N, K]
+        del stored
         names = [f"{name}.sparse.{part}" for part in ("mask", "values", "row_ptr", "scale")]
         parts = pack(site, weight, scales.get(name))
+        del weight
         packed_inputs[name] = names[: len(parts)]
         for part_name, part in zip(names, parts):
-            arrays[part_name] = part
-        return _placeholder(names[0], parts[0])  # the others are added below
+            (shared if shared_location else arrays)[part_name] = part
+        return _placeholder(names[0], parts[0], shared_location)  # the others are added below
 
     packed = packed_names(model)
-    strip_decoders(model, min_bytes, put)
-    extra = [_placeholder(n, arrays[n]) for names in packed_inputs.values() for n in names[1:]]
+    strip_decoders(model, min_bytes, put, decode)
+    parts = shared if shared_location else arrays
+    extra = [_placeholder(n, parts[n], shared_location) for names in packed_inputs.values() for n in names[1:]]
     model.graph.initializer.extend(extra)
     _replace_nodes(model, sites, packed_inputs, chains)
+    if fuse_transposes:
+        _fuse_transposes(model, min_bytes or MIN_EXTERNAL_BYTES)
     _drop_dead(model)
     _ensure_domain(model, bool(sites))
-    return Rewritten(model, arrays, tuple(sites.values()), tuple(n for n in packed if n not in sites))
+    return Rewritten(model, arrays, shared, tuple(sites.values()), tuple(n for n in packed if n not in sites))
+
+
+class Spill:
+    """Arrays written one at a time to a temporary file in the model's folder, each becoming external data that
+    ONNX Runtime maps from it (64 KiB aligned): a decoded weight left dense then costs ONNX Runtime's prepacked copy
+    only, where an array handed over in memory is copied first. ``remove`` once the session exists."""
+
+    ALIGN = 1 << 16
+
+    def __init__(self, folder: str | Path):
+        fd, path = tempfile.mkstemp(prefix=".sparse-deploy-dense-", suffix=".bin", dir=str(folder))
+        self.path = Path(path)
+        self._fh = os.fdopen(fd, "wb")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Spill | None:
+        """A spill file in ``folder``, or None where the folder is not writable."""
+        try:
+            return cls(folder)
+        except OSError:
+            return None
+
+    def __call__(self, name: str, array: np.ndarray) -> TensorProto:
+        offset = self._fh.tell()
+        offset += self._fh.write(b"\0" * ((-offset) % self.ALIGN))
+        self._fh.write(np.ascontiguousarray(array).data)
+        tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Fed:
+    """What a session created from ``feed``'s options reads: ``copied`` until it is created, ``shared`` as long as
+    it lives (keep it on the session object)."""
+
+    copied: list = field(default_factory=list)
+    shared: list = field(default_factory=list)
+
+
+def feed(done: Rewritten, options, folder: str | None = None) -> Fed:
+    """Hand ``done``'s arrays to an ``onnxruntime.SessionOptions``: ``arrays`` as external initializers (ONNX
+    Runtime copies them when the session is created), ``shared`` as initializers it uses in place. ``folder``:
+    where the model's external data lies (the model is then created from bytes)."""
+    import onnxruntime as ort
+
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    names = list(done.arrays)
+    fed = Fed([ort.OrtValue.ortvalue_from_numpy(done.arrays[n]) for n in names])
+    if names:
+        options.add_external_initializers(names, fed.copied)
+    for name, array in done.shared.items():
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        fed.shared += [value, array]
+    return fed
+
+
+def _fuse_transposes(model: onnx.ModelProto, min_bytes: int) -> None:
+    """MatMul(X, Transpose(W)) of a 2-D initializer W of ``min_bytes`` or more -> FusedMatMul(X, W, transB=1)."""
+    big = {init.name for init in model.graph.initializer if len(init.dims) == 2
+           and math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize >= min_bytes}
+    uses = _consumers(model)
+    outputs = {o.name for o in model.graph.output}
+    fused = False
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.input[0] not in big:
+            continue
+        if tuple(_attrs(node).get("perm", (1, 0))) != (1, 0) or node.output[0] in outputs:
+            continue
+        users = uses.get(node.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.domain not in ("", "ai.onnx") or list(u.input).count(
+                node.output[0]) != 1 or u.input[1] != node.output[0] for u in users):
+            continue
+        for user in users:
+            fused_node = helper.make_node("FusedMatMul", [user.input[0], node.input[0]], list(user.output),
+                                          name=f"{user.name or user.output[0]}/transB", domain="com.microsoft",
+                                          transB=1, alpha=1.0)
+            user.CopyFrom(fused_node)
+        fused = True
+    if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _replace_nodes(model, sites, packed_inputs, chains) -> None:
@@ -245,10 +372,14 @@ def _ensure_domain(model: onnx.ModelProto, used: bool) -> None:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
 
-def _placeholder(name: str, array: np.ndarray) -> TensorProto:
+def _placeholder(name: str, array: np.ndarray, location: str | None = None) -> TensorProto:
+    """An initializer whose data the session receives from elsewhere. ``location``: an existing file that ONNX
+    Runtime is never meant to read (offset past any real file, so a read would fail rather than return bytes)."""
     tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
     tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", PLACEHOLDER_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+    offset = str(1 << 50) if location else "0"
+    for key, value in (("location", location or PLACEHOLDER_LOCATION), ("offset", offset),
+                       ("length", str(array.nbytes))):
         tensor.external_data.add(key=key, value=value)
     return tensor
 
@@ -261,8 +392,9 @@ def uses_custom_ops(model_or_nodes: onnx.ModelProto | Iterable[onnx.NodeProto]) 
 def materialize(rewritten: Rewritten) -> onnx.ModelProto:
     """The rewritten model with its arrays back inside the proto (for writing a custom-op file)."""
     model = rewritten.model
-    kept = [numpy_helper.from_array(rewritten.arrays[init.name], init.name)
-            if init.data_location == TensorProto.EXTERNAL and init.name in rewritten.arrays else init
+    arrays = {**rewritten.arrays, **rewritten.shared}
+    kept = [numpy_helper.from_array(arrays[init.name], init.name)
+            if init.data_location == TensorProto.EXTERNAL and init.name in arrays else init
             for init in model.graph.initializer]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

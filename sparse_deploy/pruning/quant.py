@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sparse_deploy.config import QuantSpec
+from sparse_deploy.pruning.masks import choose_nm
 
 
 def group_params(G: torch.Tensor, quant: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,6 @@ def sweep_quant_torch(
     scales1, zeros1 [rows, groups]: with ``qgroup`` 0, column 0 holds the scale for the whole block (a group that
     started at or before the block); otherwise the sweep fixes group g's scale when it reaches column g·qgroup.
     """
-    from sparse_deploy.pruning.solver import choose_nm  # solver imports this module: import at call time
 
     diag = U1.diagonal()
     scale, zero = scales1[:, 0], zeros1[:, 0]

@@ -16,6 +16,7 @@ import torch
 from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
 from sparse_deploy.machine import resolve_device  # noqa: F401  (sequential imports it from here)
+from sparse_deploy.pruning.masks import choose_nm
 from sparse_deploy.pruning.quant import group_params, sweep_quant_torch
 
 
@@ -319,11 +320,3 @@ def _sweep_quant_block(W1, U1, mask1, n, m, err, loss, Wf, scales, zeros, i1, i2
 
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
-
-
-def choose_nm(W1: torch.Tensor, diag: torch.Tensor, mask1: torch.Tensor, i: int, n: int, m: int) -> None:
-    """Mark in ``mask1`` the n weights of each row's group of m columns from ``i`` with the lowest w²/[H⁻¹]_jj²."""
-    group = W1[:, i : i + m]
-    scores = (group * group) / (diag[i : i + m] * diag[i : i + m])  # [rows, m]
-    lowest = torch.argsort(scores, dim=1, stable=True)[:, :n]
-    mask1.scatter_(1, i + lowest, True)

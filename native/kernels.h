@@ -25,6 +25,26 @@ inline int64_t mask_stride_for(int64_t k) { return 8 * ((k + 63) / 64); }
 // Quantized activations are stored with rows padded to this many int8 (zeros beyond K).
 inline int64_t quantized_stride_for(int64_t k) { return 64 * ((k + 63) / 64); }
 
+// Where rows n .. n + R - 1 start: their mask rows and their first kept values (the tiles read R rows at once).
+template <int R, typename T>
+inline void row_starts(const SparseRows& w, const T* values, int64_t n, const uint8_t* (&mask)[R],
+                       const T* (&vals)[R]) {
+  for (int r = 0; r < R; ++r) {
+    mask[r] = w.mask + (n + r) * w.mask_stride;
+    vals[r] = values + w.row_ptr[n + r];
+  }
+}
+
+// The int8 tiles' epilogue: y[m, n + r] = x_scale[m] * w_scale[n + r] * sums[m, r] (+ bias[n + r]).
+template <int R, int MT>
+inline void store_int8_tile(const int32_t* sums, const float* x_scale, const float* w_scale, const float* bias,
+                            int64_t n, float* y, int64_t ldy) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r)
+      y[m * ldy + n + r] =
+          static_cast<float>(sums[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
+}
+
 // Y[m, n] = sum_k X[m, k] * W[n, k] (+ bias[n]); X is [M, K] contiguous, Y has row stride ldy; bias may be null.
 using SparseF32Fn = void (*)(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                              const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy);

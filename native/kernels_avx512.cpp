@@ -157,19 +157,14 @@ SD_AVX512 void int8_rows(const int8_t* xq, const float* x_scale, const int32_t* 
                          int64_t ldy) {
   const uint8_t* mask[R];
   const int8_t* vals[R];
-  for (int r = 0; r < R; ++r) {
-    mask[r] = w.mask + (n + r) * w.mask_stride;
-    vals[r] = values + w.row_ptr[n + r];
-  }
+  row_starts<R>(w, values, n, mask, vals);
   int32_t out[MT * R];
   const int64_t ldq = quantized_stride_for(w.k);
   if (w.row_ptr[n + R] + 64 <= w.row_ptr[w.n_rows])
     int8_tile<R, MT, true>(xq, ldq, w.k, mask, vals, xsum, out);
   else
     int8_tile<R, MT, false>(xq, ldq, w.k, mask, vals, xsum, out);
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r)
-      y[m * ldy + n + r] = static_cast<float>(out[m * R + r]) * (x_scale[m] * w_scale[n + r]) + (bias ? bias[n + r] : 0.0f);
+  store_int8_tile<R, MT>(out, x_scale, w_scale, bias, n, y, ldy);
 }
 
 template <int MT>

@@ -8,6 +8,23 @@
 #include <cstring>
 #include <vector>
 
+namespace {
+
+// Calls visit(i) for every set bit i < total of the stream, in increasing order.
+template <typename Visit>
+void for_each_set_bit(const uint8_t* bits, int64_t total, Visit&& visit) {
+  for (int64_t byte = 0, base = 0; base < total; ++byte, base += 8) {
+    unsigned b = bits[byte];
+    if (base + 8 > total) b &= (1u << (total - base)) - 1u;
+    while (b) {
+      visit(base + __builtin_ctz(b));
+      b &= b - 1;
+    }
+  }
+}
+
+}  // namespace
+
 extern "C" {
 
 // elem: bytes per value (4 for fp32, 1 for int8). Returns the number of nonzeros the bits mark (the caller checks it
@@ -26,16 +43,10 @@ __attribute__((visibility("default"))) int64_t SparseDeployRepackTransposed(cons
   }
   // pass 1: nonzeros per output row (a column of S)
   int64_t nnz = 0;
-  for (int64_t byte = 0, base = 0; base < total; ++byte, base += 8) {
-    unsigned b = bits[byte];
-    if (base + 8 > total) b &= (1u << (total - base)) - 1u;
-    while (b) {
-      const int64_t i = base + __builtin_ctz(b);
-      b &= b - 1;
-      ++next[static_cast<size_t>(i % cols)];
-      ++nnz;
-    }
-  }
+  for_each_set_bit(bits, total, [&](int64_t i) {
+    ++next[static_cast<size_t>(i % cols)];
+    ++nnz;
+  });
   if (nnz != nvalues) return nnz;
   row_ptr[0] = 0;
   for (int64_t c = 0; c < cols; ++c) {
@@ -47,21 +58,15 @@ __attribute__((visibility("default"))) int64_t SparseDeployRepackTransposed(cons
   const char* src = static_cast<const char*>(values);
   char* dst = static_cast<char*>(out);
   int64_t v = 0, r = 0, c0 = 0;  // S's row and the flat index of its first element
-  for (int64_t byte = 0, base = 0; base < total; ++byte, base += 8) {
-    unsigned b = bits[byte];
-    if (base + 8 > total) b &= (1u << (total - base)) - 1u;
-    while (b) {
-      const int64_t i = base + __builtin_ctz(b);
-      b &= b - 1;
-      while (i >= c0 + cols) {
-        c0 += cols;
-        ++r;
-      }
-      const int64_t c = i - c0;
-      std::memcpy(dst + next[static_cast<size_t>(c)]++ * elem, src + v++ * elem, static_cast<size_t>(elem));
-      mask[c * stride + (r >> 3)] |= static_cast<uint8_t>(1u << (r & 7));
+  for_each_set_bit(bits, total, [&](int64_t i) {
+    while (i >= c0 + cols) {
+      c0 += cols;
+      ++r;
     }
-  }
+    const int64_t c = i - c0;
+    std::memcpy(dst + next[static_cast<size_t>(c)]++ * elem, src + v++ * elem, static_cast<size_t>(elem));
+    mask[c * stride + (r >> 3)] |= static_cast<uint8_t>(1u << (r & 7));
+  });
   return nnz;
 }
 

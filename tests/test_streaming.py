@@ -280,3 +280,12 @@ def test_every_method_a_config_accepts_is_registered():
     assert set(METHODS) == set(get_args(Method))
     with pytest.raises(ConfigError, match="method must be one of"):
         method("obc")
+
+
+def test_output_files_are_ordinary_files(tmp_path, calib_text):
+    source = make_sharded("opt", tmp_path / "dense")
+    prune(source, tmp_path / "out", config_for(calib_text), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~umask, shard.name

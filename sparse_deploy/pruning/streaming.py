@@ -259,6 +259,9 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], state: _Progress)
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # an ordinary file, as save_pretrained writes (safetensors creates it private)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

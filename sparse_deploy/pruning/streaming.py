@@ -108,6 +108,7 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
     names = {module: name for name, module in skeleton.named_modules()}
     block_path = names[adapter.blocks(skeleton)[0]].rpartition(".")[0]  # "model.layers"
     base_path = names[skeleton.base_model]  # "" when the model is its own base
+    del names  # it would keep the skeleton's modules (and their tensors) alive
     prefix = getattr(skeleton, "base_model_prefix", "")
     count = int(hf_config.num_hidden_layers)
     prefixes = [f"{block_path}.{i}" for i in range(count)]
@@ -142,7 +143,7 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
                                                                         dtype, prefix, saved), state)
         elif state.next_block < count:
             store = _open_activations(resume_dir, state.next_block, shape, compute_dtype, in_ram)
-        skeleton = None  # only blocks from here on; the embeddings go
+        skeleton.to("meta")  # only blocks from here on: the embeddings and block 0's first copy go
 
         templates: dict = {}
         bar = tqdm(total=count, initial=state.next_block, desc="prune", unit="block", disable=not progress,

@@ -36,10 +36,12 @@ from sparse_deploy.pruning.sequential import (
     LinearReport, SequentialReport, capture_first_inputs, check_skip, prune_block, solver_setup,
 )
 from sparse_deploy.pruning.weights import (
-    INDEX_NAME, SavedNames, SourceWeights, build_skeleton, layer_type, load_tensors, model_dtype, source_key,
+    INDEX_NAME, SINGLE_NAME, SavedNames, SourceWeights, build_skeleton, layer_type, load_tensors, model_dtype,
+    source_key,
 )
 
 RESUME_DIR = ".resume"
+SINGLE_FILE_MAX_BYTES = 2**30  # smaller checkpoints end as one model.safetensors, larger ones stay sharded
 PROGRESS_NAME = "progress.json"
 PROGRESS_VERSION = 1
 
@@ -191,13 +193,33 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
         if isinstance(store, FileActivations):
             store.close()
 
-    _write_json(stage / INDEX_NAME, {"metadata": {"total_size": _total_size(stage, state.weight_map)},
-                                     "weight_map": dict(sorted(state.weight_map.items()))})
+    _finish_weights(stage, state.weight_map)
     linears = _reports(state, resume_dir, config.quant is not None)
     elapsed = earlier_s + time.perf_counter() - start_time
     report = SequentialReport(linears, tuple(state.layer_times_s), tuple(state.skipped))
     return StreamReport(report, "ram" if in_ram else "disk", resumed_from, max(state.peak_rss_bytes,
                                                                                 peak_rss_bytes()), elapsed)
+
+
+def _finish_weights(stage: Path, weight_map: dict) -> None:
+    """Write the shard index, or, for a checkpoint of at most ``SINGLE_FILE_MAX_BYTES``, merge the shards into one
+    ``model.safetensors`` as save_pretrained writes small models (costing at most that much memory). Safe to
+    repeat after a crash at any point: the merged file is renamed into place before the shards are removed."""
+    shards = sorted(set(weight_map.values()))
+    merged = stage / SINGLE_NAME
+    if merged.is_file() or _total_size(stage, weight_map) <= SINGLE_FILE_MAX_BYTES:
+        if not merged.is_file():
+            from safetensors.torch import load_file
+
+            tensors: dict[str, torch.Tensor] = {}
+            for name in shards:
+                tensors.update(load_file(str(stage / name)))
+            _write_shard(merged, tensors, _Progress(settings={}))
+        for name in shards:
+            (stage / name).unlink(missing_ok=True)
+        return
+    _write_json(stage / INDEX_NAME, {"metadata": {"total_size": _total_size(stage, weight_map)},
+                                     "weight_map": dict(sorted(weight_map.items()))})
 
 
 def announce(message: str, progress: bool) -> None:

@@ -148,48 +148,47 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
         skeleton.to("meta")  # only blocks from here on: the embeddings and block 0's first copy go
 
         templates: dict = {}
-        bar = tqdm(total=count, initial=state.next_block, desc="prune", unit="block", disable=not progress,
-                   leave=False)
-        for i in range(state.next_block, count):
-            kind = layer_type(hf_config, i)
-            if kind not in templates:
-                templates[kind] = adapter.blocks(build_skeleton(hf_config, adapter, dtype, kind))[0]
-            block = templates[kind]
-            local = list(block.state_dict())
-            load_tensors(block, {k: f"{prefixes[i]}.{k}" for k in local}, weights, dtype, prefix, saved)
-            last = i == count - 1
-            if last:  # nothing reads the last block's outputs; the file they would overwrite is resume state
-                outputs: Activations = _Discard(shape, compute_dtype)
-            elif in_ram:
-                outputs = store
-            else:
-                outputs = FileActivations(resume_dir / f"act-{i + 1}.bin.tmp", shape, compute_dtype, create=True)
-            done = prune_block(block, prefixes[i], adapter, captured, store, outputs, config, solver, device,
-                               compute_dtype, skip)
-            _write_shard(stage / shard_name(i + 2, shards),
-                         {saved(f"{prefixes[i]}.{k}"): v for k, v in block.state_dict().items()}, state)
-            if config.quant is not None:
-                _write_scales(resume_dir / f"scales-{i}.safetensors", done.linears)
-            if not last:
-                _save_activations(outputs, resume_dir / f"act-{i + 1}.bin")
-            state.records += [_record(r) for r in done.linears]
-            state.skipped += list(done.skipped)
-            state.layer_times_s.append(done.time_s)
-            state.next_block = i + 1
-            state.peak_rss_bytes = max(state.peak_rss_bytes, peak_rss_bytes())
-            state.time_s = earlier_s + time.perf_counter() - start_time
-            _write_json(resume_dir / PROGRESS_NAME, asdict(state))
-            if isinstance(store, FileActivations) and not last:
-                store.close()
-                store.path.unlink(missing_ok=True)
-                store = FileActivations(resume_dir / f"act-{i + 1}.bin", shape, compute_dtype)
-            elif in_ram:
-                (resume_dir / f"act-{i}.bin").unlink(missing_ok=True)
-            block.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in block.state_dict().items()},
-                                  assign=True)  # free the block's tensors until the next load
-            bar.update(1)
-            bar.set_postfix(block_s=f"{done.time_s:.1f}", peak=f"{state.peak_rss_bytes / 2**30:.2f}GiB")
-        bar.close()
+        with tqdm(total=count, initial=state.next_block, desc="prune", unit="block", disable=not progress,
+                  leave=False) as bar:  # closed (its line cleared) however the loop ends
+            for i in range(state.next_block, count):
+                kind = layer_type(hf_config, i)
+                if kind not in templates:
+                    templates[kind] = adapter.blocks(build_skeleton(hf_config, adapter, dtype, kind))[0]
+                block = templates[kind]
+                local = list(block.state_dict())
+                load_tensors(block, {k: f"{prefixes[i]}.{k}" for k in local}, weights, dtype, prefix, saved)
+                last = i == count - 1
+                if last:  # nothing reads the last block's outputs; the file they would overwrite is resume state
+                    outputs: Activations = _Discard(shape, compute_dtype)
+                elif in_ram:
+                    outputs = store
+                else:
+                    outputs = FileActivations(resume_dir / f"act-{i + 1}.bin.tmp", shape, compute_dtype, create=True)
+                done = prune_block(block, prefixes[i], adapter, captured, store, outputs, config, solver, device,
+                                   compute_dtype, skip)
+                _write_shard(stage / shard_name(i + 2, shards),
+                             {saved(f"{prefixes[i]}.{k}"): v for k, v in block.state_dict().items()}, state)
+                if config.quant is not None:
+                    _write_scales(resume_dir / f"scales-{i}.safetensors", done.linears)
+                if not last:
+                    _save_activations(outputs, resume_dir / f"act-{i + 1}.bin")
+                state.records += [_record(r) for r in done.linears]
+                state.skipped += list(done.skipped)
+                state.layer_times_s.append(done.time_s)
+                state.next_block = i + 1
+                state.peak_rss_bytes = max(state.peak_rss_bytes, peak_rss_bytes())
+                state.time_s = earlier_s + time.perf_counter() - start_time
+                _write_json(resume_dir / PROGRESS_NAME, asdict(state))
+                if isinstance(store, FileActivations) and not last:
+                    store.close()
+                    store.path.unlink(missing_ok=True)
+                    store = FileActivations(resume_dir / f"act-{i + 1}.bin", shape, compute_dtype)
+                elif in_ram:
+                    (resume_dir / f"act-{i}.bin").unlink(missing_ok=True)
+                block.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in block.state_dict().items()},
+                                      assign=True)  # free the block's tensors until the next load
+                bar.update(1)
+                bar.set_postfix(block_s=f"{done.time_s:.1f}", peak=f"{state.peak_rss_bytes / 2**30:.2f}GiB")
         if isinstance(store, FileActivations):
             store.close()
 

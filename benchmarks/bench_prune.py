@@ -11,8 +11,8 @@ maximum over the runs that built one output). ``--kill-after K`` SIGKILLs the ru
 whole 32-block 7B run costs on a small CPU is then K blocks' worth), and ``--resume-blocks R`` continues it with
 ``--resume`` for R more blocks (0: to the end). ``--in-memory`` also runs the whole-model prune (the path before
 streaming) for comparison, ``--in-memory-seconds S`` SIGKILLs it after S seconds (it has loaded the whole model
-by then, so its peak RSS is a lower bound). ``--check-resume 1.1b:4`` prunes that shape cut to 4 blocks twice, straight and killed
-after half its blocks then resumed, and compares every output tensor bit for bit.
+by then, so its peak RSS is a lower bound). ``--check-resume 1.1b:4`` prunes that shape cut to 4 blocks twice,
+straight and killed after half its blocks then resumed, and compares every output tensor bit for bit.
 """
 
 from __future__ import annotations

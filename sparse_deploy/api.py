@@ -138,8 +138,8 @@ def _prune_streaming(model: str, folder: Path, output: Path, config: PruneConfig
     stage_path = resumable_stage_path(output)
     unfinished = read_progress(stage_path) if stage_path.is_dir() else None
     if config.resume and unfinished is None:
-        raise ConfigError(f"--resume: there is no unfinished run for {output} (no {stage_path}); run without "
-                          f"--resume to start one")
+        raise ConfigError(f"--resume: there is no unfinished run for {output} (nothing to resume in {stage_path}); "
+                          f"run without --resume to start one")
 
     def worth_keeping(stage: Path) -> bool:
         return read_progress(stage) is not None

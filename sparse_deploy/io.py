@@ -3,8 +3,8 @@
 The staging folder sits beside the output and is named ``.NAME.sparse-deploy-partial-PID-XXXX``; a run killed
 outright (SIGKILL, power loss) cannot remove it, so every run first removes the stages of processes that no longer
 exist. A resumable run (``prune``) stages instead in ``.NAME.sparse-deploy-stage``, a name fixed for the output so
-that a rerun finds it, kept after a failure that leaves something worth resuming. ``--force`` replaces only folders sparse-deploy wrote (they carry ``sparse_deploy.json`` or ``export.json``),
-and never an output that is, holds or lies inside one of the run's inputs.
+that a rerun finds it, kept after a failure that leaves something worth resuming. ``--force`` replaces only folders
+sparse-deploy wrote (they carry ``sparse_deploy.json`` or ``export.json``), and never an output that is, holds or lies inside one of the run's inputs.
 """
 
 from __future__ import annotations

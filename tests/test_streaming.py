@@ -70,8 +70,8 @@ def test_streaming_equals_in_memory_for_every_architecture(model_type, tmp_path,
     whole = prune(source, tmp_path / "whole", config_for(calib_text, stream=False), progress=False)
     assert_identical(tmp_path / "stream", tmp_path / "whole")
     assert [r.rel_error for r in streamed.manifest.layers] == [r.rel_error for r in whole.manifest.layers]
-    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "stream").glob("*.safetensors")}
+    assert [p.name for p in (tmp_path / "stream").glob("*.safetensors")] == ["model.safetensors"], \
+        "a small checkpoint ends as one file, as save_pretrained writes it"
     assert streamed.manifest.extra["streaming"]["resumed_from_block"] is None
     assert not resumable_stage_path(tmp_path / "stream").exists()
     auto = AutoModel if model_type == "bert" else AutoModelForCausalLM
@@ -92,6 +92,21 @@ def test_half_precision_and_tied_embeddings(dtype, tmp_path, calib_text):
     assert_identical(tmp_path / "stream", tmp_path / "whole")
     out = tensors(tmp_path / "stream")
     assert "lm_head.weight" not in out and out["model.decoder.layers.0.fc1.weight"].dtype == dtype
+
+
+def test_large_checkpoints_stay_sharded_with_an_index(tmp_path, calib_text, monkeypatch):
+    import sparse_deploy.pruning.streaming as streaming
+
+    monkeypatch.setattr(streaming, "SINGLE_FILE_MAX_BYTES", 0)
+    source = make_sharded("gpt_neox", tmp_path / "dense", layers=3)
+    prune(source, tmp_path / "stream", config_for(calib_text), progress=False)
+    prune(source, tmp_path / "whole", config_for(calib_text, stream=False), progress=False)
+    assert_identical(tmp_path / "stream", tmp_path / "whole")
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    shards = {p.name for p in (tmp_path / "stream").glob("*.safetensors")}
+    assert set(index["weight_map"].values()) == shards and len(shards) == 4
+    assert "embed_out.weight" in index["weight_map"], "names as save_pretrained writes them"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
 
 
 def test_activations_on_disk_give_the_same_result(tmp_path, calib_text):
@@ -280,3 +295,12 @@ def test_every_method_a_config_accepts_is_registered():
     assert set(METHODS) == set(get_args(Method))
     with pytest.raises(ConfigError, match="method must be one of"):
         method("obc")
+
+
+def test_output_files_are_ordinary_files(tmp_path, calib_text):
+    source = make_sharded("opt", tmp_path / "dense")
+    prune(source, tmp_path / "out", config_for(calib_text), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~umask, shard.name

@@ -132,8 +132,9 @@ def prune_block(block: nn.Module, prefix: str, adapter: Adapter, captured: _Capt
         linears = {n: block.get_submodule(n) for group in groups for n in group}
         skipped += [f"{prefix}.{n}" for n in linears if skip and skip.search(f"{prefix}.{n}")]
         stats = _collect(block, adapter, groups, captured, inputs, skip, prefix, device)
-        for local, acc in stats.items():
-            reports.append(_prune_linear(linears[local], f"{prefix}.{local}", adapter, acc.H, config, solver))
+        for local in list(stats):  # popped, so each group's Hessian goes once its last linear is pruned
+            reports.append(_prune_linear(linears[local], f"{prefix}.{local}", adapter, stats.pop(local).H, config,
+                                         solver))
     for j in range(len(inputs)):  # outputs of the pruned block feed the next one
         outputs.write(j, _block_output(block(inputs.read(j, device), *captured.args, **captured.kwargs)))
     block.to(device="cpu", dtype=dtype)

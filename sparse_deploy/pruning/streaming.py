@@ -36,10 +36,12 @@ from sparse_deploy.pruning.sequential import (
     LinearReport, SequentialReport, capture_first_inputs, check_skip, prune_block, solver_setup,
 )
 from sparse_deploy.pruning.weights import (
-    INDEX_NAME, SavedNames, SourceWeights, build_skeleton, layer_type, load_tensors, model_dtype, source_key,
+    INDEX_NAME, SINGLE_NAME, SavedNames, SourceWeights, build_skeleton, layer_type, load_tensors, model_dtype,
+    source_key,
 )
 
 RESUME_DIR = ".resume"
+SINGLE_FILE_MAX_BYTES = 2**30  # smaller checkpoints end as one model.safetensors, larger ones stay sharded
 PROGRESS_NAME = "progress.json"
 PROGRESS_VERSION = 1
 
@@ -108,6 +110,7 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
     names = {module: name for name, module in skeleton.named_modules()}
     block_path = names[adapter.blocks(skeleton)[0]].rpartition(".")[0]  # "model.layers"
     base_path = names[skeleton.base_model]  # "" when the model is its own base
+    del names  # it would keep the skeleton's modules (and their tensors) alive
     prefix = getattr(skeleton, "base_model_prefix", "")
     count = int(hf_config.num_hidden_layers)
     prefixes = [f"{block_path}.{i}" for i in range(count)]
@@ -142,61 +145,80 @@ def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, wind
                                                                         dtype, prefix, saved), state)
         elif state.next_block < count:
             store = _open_activations(resume_dir, state.next_block, shape, compute_dtype, in_ram)
-        skeleton = None  # only blocks from here on; the embeddings go
+        skeleton.to("meta")  # only blocks from here on: the embeddings and block 0's first copy go
 
         templates: dict = {}
-        bar = tqdm(total=count, initial=state.next_block, desc="prune", unit="block", disable=not progress,
-                   leave=False)
-        for i in range(state.next_block, count):
-            kind = layer_type(hf_config, i)
-            if kind not in templates:
-                templates[kind] = adapter.blocks(build_skeleton(hf_config, adapter, dtype, kind))[0]
-            block = templates[kind]
-            local = list(block.state_dict())
-            load_tensors(block, {k: f"{prefixes[i]}.{k}" for k in local}, weights, dtype, prefix, saved)
-            last = i == count - 1
-            if last:  # nothing reads the last block's outputs; the file they would overwrite is resume state
-                outputs: Activations = _Discard(shape, compute_dtype)
-            elif in_ram:
-                outputs = store
-            else:
-                outputs = FileActivations(resume_dir / f"act-{i + 1}.bin.tmp", shape, compute_dtype, create=True)
-            done = prune_block(block, prefixes[i], adapter, captured, store, outputs, config, solver, device,
-                               compute_dtype, skip)
-            _write_shard(stage / shard_name(i + 2, shards),
-                         {saved(f"{prefixes[i]}.{k}"): v for k, v in block.state_dict().items()}, state)
-            if config.quant is not None:
-                _write_scales(resume_dir / f"scales-{i}.safetensors", done.linears)
-            if not last:
-                _save_activations(outputs, resume_dir / f"act-{i + 1}.bin")
-            state.records += [_record(r) for r in done.linears]
-            state.skipped += list(done.skipped)
-            state.layer_times_s.append(done.time_s)
-            state.next_block = i + 1
-            state.peak_rss_bytes = max(state.peak_rss_bytes, peak_rss_bytes())
-            state.time_s = earlier_s + time.perf_counter() - start_time
-            _write_json(resume_dir / PROGRESS_NAME, asdict(state))
-            if isinstance(store, FileActivations) and not last:
-                store.close()
-                store.path.unlink(missing_ok=True)
-                store = FileActivations(resume_dir / f"act-{i + 1}.bin", shape, compute_dtype)
-            elif in_ram:
-                (resume_dir / f"act-{i}.bin").unlink(missing_ok=True)
-            block.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in block.state_dict().items()},
-                                  assign=True)  # free the block's tensors until the next load
-            bar.update(1)
-            bar.set_postfix(block_s=f"{done.time_s:.1f}", peak=f"{state.peak_rss_bytes / 2**30:.2f}GiB")
-        bar.close()
+        with tqdm(total=count, initial=state.next_block, desc="prune", unit="block", disable=not progress,
+                  leave=False) as bar:  # closed (its line cleared) however the loop ends
+            for i in range(state.next_block, count):
+                kind = layer_type(hf_config, i)
+                if kind not in templates:
+                    templates[kind] = adapter.blocks(build_skeleton(hf_config, adapter, dtype, kind))[0]
+                block = templates[kind]
+                local = list(block.state_dict())
+                load_tensors(block, {k: f"{prefixes[i]}.{k}" for k in local}, weights, dtype, prefix, saved)
+                last = i == count - 1
+                if last:  # nothing reads the last block's outputs; the file they would overwrite is resume state
+                    outputs: Activations = _Discard(shape, compute_dtype)
+                elif in_ram:
+                    outputs = store
+                else:
+                    outputs = FileActivations(resume_dir / f"act-{i + 1}.bin.tmp", shape, compute_dtype, create=True)
+                done = prune_block(block, prefixes[i], adapter, captured, store, outputs, config, solver, device,
+                                   compute_dtype, skip)
+                _write_shard(stage / shard_name(i + 2, shards),
+                             {saved(f"{prefixes[i]}.{k}"): v for k, v in block.state_dict().items()}, state)
+                if config.quant is not None:
+                    _write_scales(resume_dir / f"scales-{i}.safetensors", done.linears)
+                if not last:
+                    _save_activations(outputs, resume_dir / f"act-{i + 1}.bin")
+                state.records += [_record(r) for r in done.linears]
+                state.skipped += list(done.skipped)
+                state.layer_times_s.append(done.time_s)
+                state.next_block = i + 1
+                state.peak_rss_bytes = max(state.peak_rss_bytes, peak_rss_bytes())
+                state.time_s = earlier_s + time.perf_counter() - start_time
+                _write_json(resume_dir / PROGRESS_NAME, asdict(state))
+                if isinstance(store, FileActivations) and not last:
+                    store.close()
+                    store.path.unlink(missing_ok=True)
+                    store = FileActivations(resume_dir / f"act-{i + 1}.bin", shape, compute_dtype)
+                elif in_ram:
+                    (resume_dir / f"act-{i}.bin").unlink(missing_ok=True)
+                block.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in block.state_dict().items()},
+                                      assign=True)  # free the block's tensors until the next load
+                bar.update(1)
+                bar.set_postfix(block_s=f"{done.time_s:.1f}", peak=f"{state.peak_rss_bytes / 2**30:.2f}GiB")
         if isinstance(store, FileActivations):
             store.close()
 
-    _write_json(stage / INDEX_NAME, {"metadata": {"total_size": _total_size(stage, state.weight_map)},
-                                     "weight_map": dict(sorted(state.weight_map.items()))})
+    _finish_weights(stage, state.weight_map)
     linears = _reports(state, resume_dir, config.quant is not None)
     elapsed = earlier_s + time.perf_counter() - start_time
     report = SequentialReport(linears, tuple(state.layer_times_s), tuple(state.skipped))
     return StreamReport(report, "ram" if in_ram else "disk", resumed_from, max(state.peak_rss_bytes,
                                                                                 peak_rss_bytes()), elapsed)
+
+
+def _finish_weights(stage: Path, weight_map: dict) -> None:
+    """Write the shard index, or, for a checkpoint of at most ``SINGLE_FILE_MAX_BYTES``, merge the shards into one
+    ``model.safetensors`` as save_pretrained writes small models (costing at most that much memory). Safe to
+    repeat after a crash at any point: the merged file is renamed into place before the shards are removed."""
+    shards = sorted(set(weight_map.values()))
+    merged = stage / SINGLE_NAME
+    if merged.is_file() or _total_size(stage, weight_map) <= SINGLE_FILE_MAX_BYTES:
+        if not merged.is_file():
+            from safetensors.torch import load_file
+
+            tensors: dict[str, torch.Tensor] = {}
+            for name in shards:
+                tensors.update(load_file(str(stage / name)))
+            _write_shard(merged, tensors, _Progress(settings={}))
+        for name in shards:
+            (stage / name).unlink(missing_ok=True)
+        return
+    _write_json(stage / INDEX_NAME, {"metadata": {"total_size": _total_size(stage, weight_map)},
+                                     "weight_map": dict(sorted(weight_map.items()))})
 
 
 def announce(message: str, progress: bool) -> None:
@@ -259,6 +281,9 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], state: _Progress)
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # an ordinary file, as save_pretrained writes (safetensors creates it private)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

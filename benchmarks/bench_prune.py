@@ -30,8 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPARSE_DEPLOY_SHARED", ROOT.parent / "shared"))
+from common import ROOT, SHARED
 CALIB = SHARED / "data" / "wikitext-2" / "valid.txt"
 NSAMPLES, SEQLEN = 16, 512
 

@@ -202,9 +202,8 @@ def _save_generation_config(folder: Path, hf_config, adapter, stage: Path) -> No
 
 def _manifest(model: str, hf_config, architecture: str, config: PruneConfig, windows: torch.Tensor, report,
               time_s: float, peak_rss: int) -> Manifest:
-    pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in report.linears)
-    prunable = sum(r.shape[0] * r.shape[1] for r in report.linears)
-    return Manifest(
+    """What the run did, in the manifest's terms (``formats.checkpoint``)."""
+    return Manifest.of_run(
         model={"source": model, "model_type": hf_config.model_type,
                "architecture": (hf_config.architectures or [architecture])[0]},
         method=config.method,
@@ -216,8 +215,6 @@ def _manifest(model: str, hf_config, architecture: str, config: PruneConfig, win
                 "device": resolve_device(config.solver.device).type, "true_sequential": config.true_sequential,
                 "skip": config.skip, "skipped": list(report.skipped)},
         layers=tuple(r.record(str(config.spec) if config.spec.is_nm else None) for r in report.linears),
-        totals={"prunable_params": prunable, "pruned_params": pruned,
-                "sparsity": pruned / prunable if prunable else 0.0},
         time_s=time_s,
         time_per_layer_s=report.layer_times_s,
         peak_rss_bytes=peak_rss,

@@ -206,6 +206,16 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+def check_blocking(blocksize: int, spec: SparsitySpec, group_size: int | None = None) -> None:
+    """The sweep's column blocks must hold whole n:m groups, and whole quantization groups (or a whole number of
+    blocks make one group): checked by ``PruneConfig`` up front and by the solver for direct calls."""
+    if spec.is_nm and blocksize % spec.m:  # type: ignore[operator]
+        raise ConfigError(f"blocksize {blocksize} must be a multiple of m={spec.m} for the {spec} pattern")
+    if group_size is not None and blocksize % group_size and group_size % blocksize:
+        raise ConfigError(f"blocksize {blocksize} and group size {group_size} must divide one another (for example "
+                          f"blocksize 128)")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Whole-model pruning. ``skip``: a regular expression; linear layers whose name matches stay dense."""
@@ -241,19 +251,13 @@ class PruneConfig:
         if self.quant is not None and self.method != "sparsegpt":
             raise ConfigError(f"--bits needs --method sparsegpt: quantization runs inside its sweep, which {self.method} "
                               f"does not have")
-        if self.quant is not None and self.quant.group_size is not None:
-            bs, gs = self.solver.blocksize, self.quant.group_size
-            if bs % gs and gs % bs:
-                raise ConfigError(f"--blocksize {bs} and --group-size {gs} must divide one another (for example "
-                                  f"--blocksize 128)")
         if self.skip is not None:
             try:
                 re.compile(self.skip)
             except re.error as exc:
                 raise ConfigError(f"--skip {self.skip!r} is not a valid regular expression: {exc}") from None
-        if self.method == "sparsegpt" and self.spec.is_nm and self.solver.blocksize % self.spec.m:
-            raise ConfigError(f"blocksize {self.solver.blocksize} must be a multiple of m={self.spec.m} for the "
-                              f"{self.spec} pattern")
+        if self.method == "sparsegpt":
+            check_blocking(self.solver.blocksize, self.spec, self.quant.group_size if self.quant else None)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,15 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
 
+    @classmethod
+    def of_run(cls, layers: tuple[LayerRecord, ...], **fields: Any) -> Manifest:
+        """A prune run's manifest: ``fields`` as stored, the totals counted from ``layers``."""
+        pruned = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in layers)
+        prunable = sum(r.shape[0] * r.shape[1] for r in layers)
+        totals = {"prunable_params": prunable, "pruned_params": pruned,
+                  "sparsity": pruned / prunable if prunable else 0.0}
+        return cls(layers=tuple(layers), totals=totals, **fields)
+
     def layer(self, name: str) -> LayerRecord | None:
         return next((rec for rec in self.layers if rec.name == name or rec.weight_name == name), None)
 

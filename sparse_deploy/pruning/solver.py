@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec
+from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec, check_blocking
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
 from sparse_deploy.machine import resolve_device  # noqa: F401  (sequential imports it from here)
 from sparse_deploy.pruning.masks import choose_nm
@@ -218,14 +218,12 @@ def sparsify(
         raise ConfigError("the numba sweep runs on the CPU only; use sweep='torch' with device='cuda'")
     n, m = (spec.n, spec.m) if spec.is_nm else (0, 1)
     blocksize = config.blocksize
-    if spec.is_nm and blocksize % m:  # type: ignore[operator]
-        raise ConfigError(f"blocksize {blocksize} must be a multiple of m={m} for pattern {spec}")
+    check_blocking(blocksize, spec)
 
     rows, cols = W.shape
     if quant is not None:
         gs = quant.group_for(cols)
-        if gs < cols and blocksize % gs and gs % blocksize:
-            raise ConfigError(f"blocksize {blocksize} and group size {gs} must divide one another")
+        check_blocking(blocksize, spec, gs if gs < cols else None)
         scales = torch.zeros((rows, -(-cols // gs)), dtype=torch.float32, device=device)
         zeros = torch.zeros_like(scales)
         in_sweep = gs < blocksize  # groups inside a block get their scales in the sweep; others at block start

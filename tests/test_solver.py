@@ -191,3 +191,13 @@ def test_cuda_path_equals_cpu_path(spec):
     assert agree > 0.999, "CUDA GEMMs round differently, so near-ties may flip; nearly all must agree"
     rows_same = (gpu.mask.cpu() == cpu.mask).all(1)
     torch.testing.assert_close(gpu.weight.cpu()[rows_same], cpu.weight[rows_same], rtol=1e-3, atol=1e-4)
+
+
+def test_overwrite_h_damps_the_callers_hessian_in_place_and_gives_the_same_result():
+    W, _, H = problem(64, 128)
+    kept = H.clone()
+    plain = sparsify(W, H, SparsitySpec.unstructured(0.5), NUMBA)
+    assert torch.equal(H, kept)  # inputs are not modified by default
+    in_place = sparsify(W, H, SparsitySpec.unstructured(0.5), NUMBA, overwrite_h=True)
+    assert torch.equal(plain.weight, in_place.weight) and torch.equal(plain.mask, in_place.mask)
+    assert not torch.equal(H, kept)  # no copy was made: the damping went into H

@@ -133,8 +133,10 @@ def prune_block(block: nn.Module, prefix: str, adapter: Adapter, captured: _Capt
         skipped += [f"{prefix}.{n}" for n in linears if skip and skip.search(f"{prefix}.{n}")]
         stats = _collect(block, adapter, groups, captured, inputs, skip, prefix, device)
         for local in list(stats):  # popped, so each group's Hessian goes once its last linear is pruned
-            reports.append(_prune_linear(linears[local], f"{prefix}.{local}", adapter, stats.pop(local).H, config,
-                                         solver))
+            acc = stats.pop(local)
+            last = all(other is not acc for other in stats.values())  # no linear left that reads this H
+            reports.append(_prune_linear(linears[local], f"{prefix}.{local}", adapter, acc.H, config, solver, last))
+            del acc
     for j in range(len(inputs)):  # outputs of the pruned block feed the next one
         outputs.write(j, _block_output(block(inputs.read(j, device), *captured.args, **captured.kwargs)))
     block.to(device="cpu", dtype=dtype)
@@ -203,17 +205,21 @@ def _collect(block, adapter, groups, captured, inputs, skip, prefix, device) -> 
     return stats
 
 
-def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverConfig) -> LinearReport:
+def _prune_linear(linear, name, adapter, H, config: PruneConfig, solver: SolverConfig,
+                  last_use: bool = False) -> LinearReport:
+    """``last_use``: no other linear reads H, so the solver may damp it in place instead of copying it."""
     start = time.perf_counter()
     W = adapter.get_weight(linear).clone()  # [out, in]
-    result: PruneResult = method(config.method)(W, H, config.spec, solver, name=name, quant=config.quant)
-    adapter.set_weight(linear, result.weight)
     # With H = 2/n·XᵀX: ‖(W − Ŵ)Xᵀ‖²/n = loss − ½λ‖ΔW‖² over live inputs, and ‖WXᵀ‖²/n = ½·tr(WHWᵀ).
     live = H.diagonal() != 0
-    delta = (W - result.weight)[:, live].float()
-    error = float(result.loss.sum()) - 0.5 * result.damp * float(delta.square().sum())
     Wf = W.float()
     reference = 0.5 * float(((Wf @ H.float()) * Wf).sum())
+    del Wf
+    result: PruneResult = method(config.method)(W, H, config.spec, solver, name=name, quant=config.quant,
+                                                overwrite_h=last_use)
+    adapter.set_weight(linear, result.weight)
+    delta = (W - result.weight)[:, live].float()
+    error = float(result.loss.sum()) - 0.5 * result.damp * float(delta.square().sum())
     return LinearReport(
         name=name,
         shape=tuple(W.shape),

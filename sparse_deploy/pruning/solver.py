@@ -204,12 +204,14 @@ def sparsify(
     mask: torch.Tensor | None = None,
     name: str = "weight",
     quant: QuantSpec | None = None,
+    overwrite_h: bool = False,
 ) -> PruneResult:
     """Prune W [rows, cols] (torch layout out x in) given its input Hessian H [cols, cols].
 
     ``mask`` (optional, [rows, cols] bool, True = prune) fixes the mask instead of choosing it.
     ``quant`` (optional): also round every kept weight to this grid inside the sweep (section 3.5); with
-    sparsity 0 this is GPTQ. Inputs are not modified.
+    sparsity 0 this is GPTQ. Inputs are not modified, except H with ``overwrite_h`` (damped in place: a caller
+    that is done with H saves a copy of it, 0.5 GB for an 11008-wide layer).
     """
     check_problem(W, H, spec, mask, name)
     device = resolve_device(config.device)
@@ -228,7 +230,7 @@ def sparsify(
         zeros = torch.zeros_like(scales)
         in_sweep = gs < blocksize  # groups inside a block get their scales in the sweep; others at block start
     Wf = W.detach().to(device=device, dtype=torch.float32, copy=True)
-    Hd = H.detach().to(device=device, copy=True)
+    Hd = H.detach().to(device=device, copy=not overwrite_h)
     if not Hd.is_floating_point() or Hd.dtype in (torch.float16, torch.bfloat16):
         Hd = Hd.float()
     dead = Hd.diagonal() == 0  # inputs that never fire: weight column zeroed, H_jj = 1

@@ -26,7 +26,7 @@ from sparse_deploy.io import check_output, resumable_stage, resumable_stage_path
 from sparse_deploy.machine import available_memory_bytes, package_version, peak_rss_bytes, resolve_device
 from sparse_deploy.pruning.sequential import prune_sequential
 from sparse_deploy.pruning.streaming import RESUME_DIR, announce, prune_streaming, read_progress
-from sparse_deploy.pruning.weights import SourceWeights, has_pickle_weights, has_safetensors
+from sparse_deploy.pruning.weights import SourceWeights, has_pickle_weights, has_safetensors, model_dtype
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _prune_streaming(model: str, folder: Path, output: Path, config: PruneConfig
     weights.check_readable()  # before any slow work
     tokenizer = load_tokenizer(str(folder), config.trust_remote_code)
     seqlen = default_seqlen(hf_config, config.calibration.seqlen)
-    check_activation_memory(hf_config, weights.first_float_dtype(), config, seqlen, spill_to=output.parent)
+    check_activation_memory(hf_config, model_dtype(hf_config, weights), config, seqlen, spill_to=output.parent)
     windows = calibration_windows(tokenizer, config.calibration, seqlen, encoder=adapter.kind == "encoder")
     stage_path = resumable_stage_path(output)
     unfinished = read_progress(stage_path) if stage_path.is_dir() else None
@@ -149,7 +149,7 @@ def _prune_streaming(model: str, folder: Path, output: Path, config: PruneConfig
             announce(f"resuming the unfinished run in {stage}: {unfinished.next_block} of {unfinished.blocks} "
                      f"blocks are done", progress)
         try:
-            streamed = prune_streaming(folder, stage, hf_config, adapter, windows, config,
+            streamed = prune_streaming(weights, stage, hf_config, adapter, windows, config,
                                        _resume_settings(model, config, windows), progress=progress)
         except KeyboardInterrupt:
             done = read_progress(stage)

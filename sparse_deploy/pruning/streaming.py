@@ -88,12 +88,11 @@ def settings_difference(old: dict, new: dict) -> list[str]:
             if old.get(key) != new.get(key)]
 
 
-def prune_streaming(source: Path, stage: Path, hf_config, adapter: Adapter, windows: torch.Tensor,
+def prune_streaming(weights: SourceWeights, stage: Path, hf_config, adapter: Adapter, windows: torch.Tensor,
                     config: PruneConfig, settings: dict, *, progress: bool = True) -> StreamReport:
-    """Prune the model in folder ``source`` into ``stage`` block by block (see the module's docstring).
+    """Prune the model whose tensors ``weights`` reads into ``stage`` block by block (see the module's docstring).
     ``settings``: what must match for a stage to be resumed (the caller's; the input fingerprint is added)."""
     start_time = time.perf_counter()
-    weights = SourceWeights(source)
     dtype = model_dtype(hf_config, weights)
     settings = {**settings, "input": weights.fingerprint(), "dtype": str(dtype)}
     resume_dir = stage / RESUME_DIR

@@ -49,9 +49,7 @@ class SourceWeights:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ModelLoadError(f"{self.folder / INDEX_NAME} is not a valid shard index ({exc})") from None
         elif (self.folder / SINGLE_NAME).is_file():
-            self.weight_map = {SINGLE_NAME: SINGLE_NAME}  # until the header is read
-            self.check_readable()
-            with self._open(str(self.folder / SINGLE_NAME), framework="pt") as fh:
+            with self._header(SINGLE_NAME) as fh:
                 self.weight_map = {key: SINGLE_NAME for key in fh.keys()}
         else:
             raise ModelLoadError(f"{self.folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})")
@@ -63,12 +61,16 @@ class SourceWeights:
     def check_readable(self) -> None:
         """Open every shard's header now, so that a truncated or corrupt file fails before any slow work."""
         for filename in self.files():
-            try:
-                with self._open(str(self.folder / filename), framework="pt"):
-                    pass
-            except Exception as exc:  # safetensors raises its own error type for a bad header
-                raise ModelLoadError(f"could not load the weights of {self.folder}: {filename} is not a readable "
-                                     f"safetensors file ({first_line(exc)})") from None
+            with self._header(filename):
+                pass
+
+    def _header(self, filename: str):
+        """``filename`` opened (its header read and checked against the file's size), as a context manager."""
+        try:
+            return self._open(str(self.folder / filename), framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise ModelLoadError(f"could not load the weights of {self.folder}: {filename} is not a readable "
+                                 f"safetensors file ({first_line(exc)})") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map

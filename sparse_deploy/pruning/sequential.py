@@ -20,10 +20,11 @@ from sparse_deploy.adapters import Adapter
 from sparse_deploy.config import PruneConfig, SolverConfig
 from sparse_deploy.errors import ConfigError
 from sparse_deploy.formats.checkpoint import LayerRecord
+from sparse_deploy.machine import resolve_device
 from sparse_deploy.pruning.activations import Activations, RamActivations
 from sparse_deploy.pruning.hessian import HessianAccumulator
 from sparse_deploy.pruning.methods import method
-from sparse_deploy.pruning.solver import PruneResult, resolve_device
+from sparse_deploy.pruning.solver import PruneResult
 
 
 @dataclass(frozen=True)

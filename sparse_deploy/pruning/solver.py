@@ -15,7 +15,7 @@ import torch
 
 from sparse_deploy.config import QuantSpec, SolverConfig, SparsitySpec, check_blocking
 from sparse_deploy.errors import ConfigError, InvalidInputError, SolverError
-from sparse_deploy.machine import resolve_device  # noqa: F401  (sequential imports it from here)
+from sparse_deploy.machine import resolve_device
 from sparse_deploy.pruning.masks import choose_nm
 from sparse_deploy.pruning.quant import group_params, sweep_quant_torch
 

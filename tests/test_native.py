@@ -323,7 +323,8 @@ def test_c_program_runs_a_sparse_model(tmp_path):
     np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows, cols, chunk", [(100, 40, 1 << 20), (129, 70, 16 * 70), (64, 64, 8 * 64)])
+@pytest.mark.parametrize("rows, cols, chunk", [(100, 40, 1 << 20), (129, 70, 16 * 70), (64, 64, 8 * 64),
+                                              (1100, 37, 1 << 20)])
 def test_repack_transposed_equals_packing_the_transpose(rows, cols, chunk):
     """The stored layout of S [R, C] repacks in one native pass to what pack_rows / pack_rows_int8 give for S^T."""
     from sparse_deploy.formats.packed import Stored, pack
@@ -342,3 +343,22 @@ def test_repack_transposed_equals_packing_the_transpose(rows, cols, chunk):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     with pytest.raises(InvalidInputError, match="mark"):
         kernels.pack_bits(stored.mask_bits(), stored.nonzeros()[:-1], s.shape, transpose=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+@pytest.mark.parametrize("rows, cols, chunk, density", [(100, 40, 1 << 20, 0.4), (129, 70, 16 * 70, 0.5),
+                                                        (33, 17, 8 * 17, 0.0), (20, 9, 1 << 20, 1.0)])
+def test_native_unpack_equals_numpy(dtype, rows, cols, chunk, density):
+    """The native decode of a packed weight left dense gives numpy's array (chunks, ragged shapes, 0-100% kept)."""
+    from sparse_deploy.formats.packed import pack, unpack
+
+    rng = np.random.default_rng(rows + cols)
+    s = (rng.standard_normal((rows, cols)) * 50).astype(dtype)
+    s[rng.random(s.shape) >= density] = 0
+    parts = pack(s, chunk_elems=chunk)
+    got = kernels.unpack(parts, s.shape)
+    assert got.dtype == s.dtype and np.array_equal(got, unpack(parts, s.shape)) and np.array_equal(got, s)
+    if s.any():
+        bits, values = parts[-1]
+        with pytest.raises(InvalidInputError, match="mark"):
+            kernels.unpack(parts[:-1] + [(bits, values[:-1])], s.shape)

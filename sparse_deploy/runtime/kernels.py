@@ -177,8 +177,7 @@ def _repack_transposed(bits: np.ndarray, values: np.ndarray, rows: int, cols: in
     state = availability()
     if not state.ok:
         raise KernelsUnavailableError(state.reason)
-    fn = ctypes.CDLL(str(state.path)).SparseDeployRepackTransposed
-    fn.restype = ctypes.c_int64
+    fn = _function(state, "SparseDeployRepackTransposed")
     mask = np.empty((cols, 8 * -(-rows // 64)), np.uint8)
     out = np.empty_like(values)
     row_ptr = np.empty(cols + 1, np.int64)
@@ -192,6 +191,40 @@ def _repack_transposed(bits: np.ndarray, values: np.ndarray, rows: int, cols: in
         raise InvalidInputError(f"pack_bits: the bits of a {rows}x{cols} weight mark {got} nonzeros, "
                                 f"{values.size} values stored")
     return mask, out, row_ptr
+
+
+def _function(state: Availability, name: str):
+    fn = getattr(ctypes.CDLL(str(state.path)), name)
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
+    """``formats.packed.unpack`` (the dense weight [R, C] from the packed file's chunks) by the native library;
+    numpy's where the library is not available."""
+    from sparse_deploy.formats.packed import unpack as unpack_numpy
+
+    state = availability()
+    if not state.ok:
+        return unpack_numpy(parts, shape)
+    fn = _function(state, "SparseDeployUnpack")
+    rows, cols = shape
+    out = np.empty(rows * cols, dtype=parts[0][1].dtype)
+    done = 0
+    ptr = ctypes.c_void_p
+    for k, (bits, values) in enumerate(parts):
+        n = rows * cols - done if k == len(parts) - 1 else bits.size * 8  # as formats.packed.unpack
+        bits = np.ascontiguousarray(bits, dtype=np.uint8)
+        values = np.ascontiguousarray(values[1:])  # after the leading zero
+        if bits.size * 8 < n:
+            raise InvalidInputError(f"unpack: {bits.size} bytes of bits for {n} weights")
+        got = fn(ptr(bits.ctypes.data), ptr(values.ctypes.data), ctypes.c_int64(values.size), ctypes.c_int64(n),
+                 ctypes.c_int64(values.itemsize), ptr(out[done:].ctypes.data))
+        if got != values.size:
+            raise InvalidInputError(f"unpack: the bits of a {rows}x{cols} weight mark {got} nonzeros, "
+                                    f"{values.size} values stored")
+        done += n
+    return out.reshape(rows, cols)
 
 
 def quantize_rows(w: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 class SessionConfig:
     """``threads``: intra-op threads (None: ONNX Runtime's default, one per core). ``providers``: execution
     providers in order of preference. ``packed``: how packed-sparse exports are opened: ``stage`` decodes the
-    weights with numpy into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
+    weights left dense (natively, else with numpy) into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
     Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory). ``verify``:
     check the model files against the sha256 digests export.json records before loading them. ``kernels``: which
     packed layers run on the native sparse kernels (``auto``: where they are faster on this CPU; ``sparse``: all
@@ -189,7 +189,7 @@ def _open_custom(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
 
 def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.InferenceSession:
     """The packed weights on the native kernels where ``config.kernels`` says so (``runtime.sparse_ops``), else
-    decoded with numpy; ONNX Runtime folds nothing. The decoded weights go through a temporary file in the folder,
+    decoded (by the native library where it loads, else numpy); ONNX Runtime folds nothing. The decoded weights go through a temporary file in the folder,
     removed once the session exists (in memory where the folder is read-only)."""
     from sparse_deploy.runtime import kernel_choice as kc
     from sparse_deploy.runtime.sparse_ops import Spill
@@ -217,13 +217,14 @@ def _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill)
     from google.protobuf.message import DecodeError
 
     from sparse_deploy.formats.onnx_file import read_graph, tensor_array
+    from sparse_deploy.runtime.kernels import unpack
     from sparse_deploy.runtime import kernel_choice as kc
     from sparse_deploy.runtime.sparse_ops import feed, rewrite
 
     try:
         model = read_graph(onnx_file)  # the graph only: the weights stay in the file until used
         done = rewrite(model, pack, keep, int8=True, load=lambda t: tensor_array(t, onnx_file.parent),
-                       shared_location=onnx_file.name, fuse_transposes=True, spill=spill)
+                       shared_location=onnx_file.name, fuse_transposes=True, spill=spill, unpack=unpack)
     except (OSError, ValueError, KeyError, DecodeError, InvalidInputError) as exc:
         raise RuntimeSessionError(f"could not decode the packed weights of {onnx_file}: {exc}") from None
     if spill is not None:

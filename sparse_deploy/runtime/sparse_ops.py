@@ -15,8 +15,8 @@ values are the op's values); neither is decoded to a dense array. ONNX Runtime f
 (``formats.onnx_file.read_graph``), the proto holds the graph only: the packed weights are read one at a time from
 the file, and the other large tensors stay in the file for ONNX Runtime to map. The kernels' arrays (``shared``) go
 to the session without a copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``). Packed
-weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded with
-numpy and written to a temporary file that ONNX Runtime maps (``Spill``), or else handed over as arrays
+weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded (by
+the native library when it loads, else numpy) and written to a temporary file that ONNX Runtime maps (``Spill``), or else handed over as arrays
 (``arrays``), which ONNX Runtime copies. Needs numpy and onnx only (onnxruntime in ``feed``).
 """
 
@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sparse_deploy.formats.packed import PLACEHOLDER_LOCATION, Loader, Stored, packed_names, read_parts, strip_decoders
+from sparse_deploy.formats.packed import unpack as unpack_numpy
 from sparse_deploy.runtime.kernels import DOMAIN, OP_FP32, OP_INT8  # the native library's op contract (numpy only)
 
 __all__ = ["DOMAIN", "OP_FP32", "OP_INT8", "Fed", "Rewritten", "Site", "Spill", "feed", "find_sites", "materialize",
@@ -156,6 +157,7 @@ def rewrite(
     shared_location: str | None = None,
     fuse_transposes: bool = False,
     spill: Callable[[str, np.ndarray], TensorProto] | None = None,
+    unpack: Callable[[list, tuple[int, int]], np.ndarray] = unpack_numpy,
 ) -> Rewritten:
     """In place: every packed weight is read once; where ``keep(site)`` holds, its consumer becomes a sparse node
     whose weight inputs are ``pack(site, W, scale [N] or None)`` (mask, values, row_ptr[, scale]), W being the
@@ -166,7 +168,8 @@ def rewrite(
     placeholders that name that file (ONNX Runtime checks that it exists, and reads nothing from it). With
     ``fuse_transposes``, MatMul(X, Transpose(W)) of a large initializer W becomes FusedMatMul(X, W, transB=1), so
     that ONNX Runtime does not fold a transposed copy of W (a tied LM head). With ``spill`` (a ``Spill``), the
-    arrays that would go to ``arrays`` (decoded weights left dense) are written through it instead."""
+    arrays that would go to ``arrays`` (decoded weights left dense) are written through it instead. ``unpack``
+    decodes those (``formats.packed.unpack``'s contract; ``kernels.unpack`` is the native one)."""
     sites = {site.weight: site for site in find_sites(model, int8=int8, load=load)
              if pack is not None and keep(site)}
     uses = _consumers(model)
@@ -185,7 +188,7 @@ def rewrite(
     def put(name: str, stored: np.ndarray | Stored) -> TensorProto:
         site = sites.get(name)
         if site is None:
-            array = stored.dense() if isinstance(stored, Stored) else stored
+            array = unpack(stored.parts, stored.shape) if isinstance(stored, Stored) else stored
             if spill is not None:
                 return spill(name, array)
             arrays[name] = array

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED, make_checkpoint, spec_of
+from common import ROOT, SHARED, make_checkpoint, spec_of
 
 from sparse_deploy import ExportConfig, export  # noqa: E402
 from sparse_deploy.bench import BenchConfig, Comparison, measure_in_subprocess  # noqa: E402
@@ -214,7 +216,6 @@ print(json.dumps({"load_s": time.perf_counter() - start, "peak_rss_mb": status("
 
 def load_only(args, folders: dict[str, tuple[Path, tuple[str, ...], str]]) -> list[dict]:
     """``folders``: variant -> (exported folder, kernel modes, baseline variant). Fresh processes, round robin."""
-    import os
     import subprocess
 
     from sparse_deploy.machine import machine_info

@@ -1,7 +1,7 @@
 """The native sparse MatMul kernels (ai.sparse_deploy ops) against ONNX Runtime's dense kernels, one layer.
 
     python benchmarks/bench_gemv.py [--shapes 4096x4096,11008x4096,4096x11008] [--sparsity 0.5] [--batches 1,128]
-                                    [--threads 1,2] [--rounds 15] [--calls 10] [--isa avx512|avx2|portable]
+                                    [--threads 1,2] [--rounds 15] [--calls 10] [--isa amx|avx512|avx2|portable]
                                     [--json PATH] [--quick]
 
 Shapes are rows x cols of the weight W (out x in, as nn.Linear stores it); Y[M, rows] = X[M, cols] @ W^T. Each

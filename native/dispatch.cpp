@@ -16,6 +16,8 @@ bool cpu_supports(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("popcnt");
+    case Isa::amx:
+      return cpu_supports(Isa::avx512) && amx_enabled();
   }
   return false;
 #else
@@ -31,12 +33,15 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::avx512:
       return "avx512";
+    case Isa::amx:
+      return "amx";
   }
   return "unknown";
 }
 
 KernelSet kernels_for(Isa isa) {
 #if defined(__x86_64__)
+  if (isa == Isa::amx) return {isa, sparse_f32_avx512, sparse_int8_amx, quantize_rows_avx512};
   if (isa == Isa::avx512) return {isa, sparse_f32_avx512, sparse_int8_avx512, quantize_rows_avx512};
   if (isa == Isa::avx2) return {isa, sparse_f32_avx2, sparse_int8_avx2, quantize_rows};
 #endif

@@ -89,8 +89,23 @@ void sparse_int8_prefill_avx512(const int8_t* xq, const float* x_scale, int64_t 
                                 const int8_t* values, const float* w_scale, const float* bias, int64_t n0,
                                 int64_t n1, float* y, int64_t ldy);
 
-// The instruction-set paths; cpu_supports() asks the running CPU.
-enum class Isa { portable, avx2, avx512 };
+// The int8 prefill panel of the AVX-512 path, shared with the AMX path: kInt8Panel rows of W decoded over K blocks
+// of kInt8KBlock bytes into [k/4][kInt8Panel][4 bytes] (dst points at the panel's column 16v for rows 16v..16v+15;
+// rows <= 16, 64-byte chunks [c0, c1) of K; cursors advanced; fast: 64 bytes can be read past each row's cursor).
+constexpr int kInt8Panel = 48;
+constexpr int64_t kInt8KBlock = 512;
+void decode_int8_panel_avx512(const uint8_t* const* mask, const int8_t** cur, int64_t rows, int64_t c0, int64_t c1,
+                              int64_t ahead, bool fast, int32_t* dst);
+
+// The AMX path (AVX-512 + AMX-INT8): the AVX-512 kernels, with int8 prefill multiplied in AMX tiles.
+void sparse_int8_amx(const int8_t* xq, const float* x_scale, int64_t m_rows, const SparseRows& w,
+                     const int8_t* values, const float* w_scale, const float* bias, int64_t n0, int64_t n1,
+                     float* y, int64_t ldy);
+// Asks Linux for the AMX tile state (once per process); false where the OS or the CPU refuses.
+bool amx_enabled();
+
+// The instruction-set paths; cpu_supports() asks the running CPU (and, for amx, the OS).
+enum class Isa { portable, avx2, avx512, amx };
 bool cpu_supports(Isa isa);
 const char* isa_name(Isa isa);
 

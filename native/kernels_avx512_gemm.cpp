@@ -30,11 +30,11 @@
 namespace sparse_deploy {
 namespace {
 
-constexpr int kNV = 3;                 // 16-lane vectors across a panel
-constexpr int kPanel = 16 * kNV;       // rows of W decoded together
+constexpr int kNV = kInt8Panel / 16;  // 16-lane vectors across a panel
+constexpr int kPanel = kInt8Panel;     // rows of W decoded together
 constexpr int kMR = 8;                 // rows of X per register tile
 constexpr int64_t kKBlock = 256;       // fp32: columns of K per packed panel (48 KiB)
-constexpr int64_t kKBlockInt8 = 512;   // int8: columns of K per packed panel (24 KiB), int32 sums kept between
+constexpr int64_t kKBlockInt8 = kInt8KBlock;  // int8: columns of K per packed panel (24 KiB), int32 sums kept between
 // Software prefetch distance into each row's value stream. fp32 visits a row for one K block per pass over all
 // panels, too far apart for the hardware prefetchers: this fetches the row's next block while the pass runs
 // (4096x4096, M = 128, the decode alone: 10 -> 5 ms). int8 streams 16 rows at once.
@@ -236,6 +236,15 @@ SD_AVX512 void int8_tiles(const uint8_t* xu, int64_t m_rows, int64_t ldq, const 
 }
 
 }  // namespace
+
+SD_AVX512 void decode_int8_panel_avx512(const uint8_t* const* mask, const int8_t** cur, int64_t rows, int64_t c0,
+                                        int64_t c1, int64_t ahead, bool fast, int32_t* dst) {
+  __m512i corr = _mm512_setzero_si512();  // not needed by the callers of this one
+  if (fast)
+    decode_int8<true>(mask, cur, rows, c0, c1, ahead, dst, &corr);
+  else
+    decode_int8<false>(mask, cur, rows, c0, c1, ahead, dst, &corr);
+}
 
 SD_AVX512 void sparse_f32_prefill_avx512(const float* x, int64_t m_rows, const SparseRows& w, const float* values,
                                          const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {

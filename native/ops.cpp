@@ -34,7 +34,7 @@ struct BadInput {
 bool choose_isa(Isa* out, std::string* error) {
   const char* forced = std::getenv("SPARSE_DEPLOY_ISA");
   if (forced && *forced) {
-    for (Isa isa : {Isa::avx512, Isa::avx2, Isa::portable}) {
+    for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2, Isa::portable}) {
       if (std::strcmp(forced, isa_name(isa)) != 0) continue;
       if (!cpu_supports(isa)) {
         *error = std::string("SPARSE_DEPLOY_ISA=") + forced + " but this CPU does not support that path";
@@ -43,10 +43,10 @@ bool choose_isa(Isa* out, std::string* error) {
       *out = isa;
       return true;
     }
-    *error = std::string("SPARSE_DEPLOY_ISA=") + forced + " is not one of avx512, avx2, portable";
+    *error = std::string("SPARSE_DEPLOY_ISA=") + forced + " is not one of amx, avx512, avx2, portable";
     return false;
   }
-  for (Isa isa : {Isa::avx512, Isa::avx2}) {
+  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2}) {
     if (cpu_supports(isa)) {
       *out = isa;
       return true;
@@ -259,7 +259,7 @@ OrtStatus* register_ops(OrtSessionOptions* options, const OrtApi* api) {
   std::string error;
   if (!choose_isa(&isa, &error)) return api->CreateStatus(ORT_INVALID_ARGUMENT, error.c_str());
   static std::mutex mutex;
-  static Registry* registries[3] = {nullptr, nullptr, nullptr};
+  static Registry* registries[4] = {nullptr, nullptr, nullptr, nullptr};  // one per Isa
   std::lock_guard<std::mutex> lock(mutex);
   Registry*& reg = registries[static_cast<int>(isa)];
   if (!reg) {

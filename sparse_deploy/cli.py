@@ -315,7 +315,7 @@ def kernels_command() -> None:
         typer.echo(f"library: {native.library_path()}")
         typer.echo(f"domain: {native.DOMAIN} (ops {native.OP_FP32}, {native.OP_INT8})")
         if state.ok:
-            typer.echo(f"available: yes\nisa: {native.isa()} (force one with {native.ISA_ENV}=avx512|avx2|portable)")
+            typer.echo(f"available: yes\nisa: {native.isa()} (force one with {native.ISA_ENV}=amx|avx512|avx2|portable)")
         else:
             typer.echo(f"available: no ({state.reason})")
             raise typer.Exit(1)

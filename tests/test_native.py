@@ -237,6 +237,36 @@ def test_model_without_registration_fails_to_load():
         ort.InferenceSession(_model(kernels.OP_FP32, _inputs(packed, None), 4, 4), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_prefill_between_onnx_runtime_int8_matmuls(isa, threads):
+    """ONNX Runtime's own int8 GEMM (AMX tiles where the CPU has them, configured once per thread) before and after
+    the sparse int8 op on the same threads: each result stays right, so the op leaves the threads' tile state as it
+    found it."""
+    rng = np.random.default_rng(11)
+    m, k, n = 128, 1024, 512
+    wa, wb = (rng.integers(-127, 128, shape).astype(np.int8) for shape in ((k, k), (k, n)))  # [K, N], scale 0.01
+    ws = _weight(rng, k, k, 0.5)  # [N, K] of the sparse op
+    packed = kernels.pack_rows_int8(ws)
+    w_q, _ = kernels.quantize_rows(ws)
+    inits = {"wa": wa, "wb": wb, "s": np.array(0.01, np.float32), **_inputs(packed, None)}
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["X", "wa", "s"], ["Y1"], domain="com.microsoft"),
+             helper.make_node(kernels.OP_INT8, ["Y1", "mask", "values", "row_ptr", "scale"], ["Y2"],
+                              domain=kernels.DOMAIN),
+             helper.make_node("DynamicQuantizeMatMul", ["Y2", "wb", "s"], ["Y3"], domain="com.microsoft")]
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("Y1", "Y2", "Y3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)], outs,
+                              [numpy_helper.from_array(a, name) for name, a in inits.items()])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+              helper.make_opsetid(kernels.DOMAIN, 1)]
+    session = _session(helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString(), threads)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for _ in range(3):
+        y1, y2, y3 = session.run(None, {"X": x})
+        for got, want in ((y1, x @ (0.01 * wa)), (y3, y2 @ (0.01 * wb))):  # ONNX Runtime's int8: about 1% off
+            assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+        np.testing.assert_array_equal(y2, _int8_reference(y1, packed, w_q, None))
+
+
 def test_forced_isa_must_exist(monkeypatch):
     monkeypatch.setenv(kernels.ISA_ENV, "sse9")
     state = kernels.availability()
@@ -252,6 +282,8 @@ def test_every_path_this_cpu_has_is_tested():
         assert "avx2" in ISAS
     if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni")):
         assert "avx512" in ISAS
+        if " amx_tile" in flags and " amx_int8" in flags:  # the OS grants the tile state on Linux >= 5.16
+            assert "amx" in ISAS
 
 
 def test_pack_rows_layout():

@@ -27,8 +27,8 @@ from sparse_deploy.errors import InvalidInputError, KernelsUnavailableError
 DOMAIN = "ai.sparse_deploy"
 OP_FP32 = "SparseMatMul"
 OP_INT8 = "SparseMatMulInt8"
-ISA_ENV = "SPARSE_DEPLOY_ISA"  # avx512 | avx2 | portable: force one path (tests, benchmarks)
-ISAS = ("avx512", "avx2", "portable")
+ISA_ENV = "SPARSE_DEPLOY_ISA"  # amx | avx512 | avx2 | portable: force one path (tests, benchmarks)
+ISAS = ("amx", "avx512", "avx2", "portable")
 LIBRARY_NAME = "_sparse_ops.so"
 UNAVAILABLE_NAME = "_sparse_ops.unavailable"  # written by the build in place of the library, with the reason
 
@@ -96,7 +96,7 @@ def _isa_from(path: Path) -> str:
 
 
 def isa() -> str:
-    """The instruction-set path the ops will run (avx512, avx2 or portable); honours SPARSE_DEPLOY_ISA."""
+    """The instruction-set path the ops will run (amx, avx512, avx2 or portable); honours SPARSE_DEPLOY_ISA."""
     state = availability()
     if not state.ok:
         raise KernelsUnavailableError(state.reason)

@@ -282,8 +282,8 @@ def test_c_program_runs_a_custom_op_export(exported, tmp_path):
 
 
 def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
-    """A sparse op 3% faster, faster only in its best run (the median pair says slower), or timed while the pairs
-    disagreed (noisy) stays dense; the ratio and the noise flag survive the table."""
+    """A sparse op 3% faster, faster only in its best run (the median pair says slower), or faster by the median
+    pair but not by the upper quartile of the pairs (noisy) stays dense; the ratio and the flag survive the table."""
     assert Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0)).sparse_wins
     assert not Timing((2.0, 20.0), (1.94, 20.0)).sparse_wins, "within the 5% margin"
     assert not Timing((2.0, 20.0), (1.5, 20.0), (1.02, 1.0)).sparse_wins, "the median pair says dense"
@@ -292,6 +292,23 @@ def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
     table.entries["k"] = Timing((2.0, 20.0), (1.5, 20.0), (0.75, 1.0), noisy=True)
     table.save()
     assert TimingTable("m", tmp_path / "t.json").entries == table.entries
+
+
+def test_auto_judges_by_the_upper_quartile_of_the_pairs():
+    """Timed pairs (fastest dense ms, fastest sparse ms, median and upper quartile of sparse / dense): sparse only
+    where three pairs in four agree, at M = 1 and over the reference generation."""
+    from sparse_deploy.runtime.kernel_choice import decode_favours_sparse, judge
+
+    clear = (1.0, 0.7, 0.7, 0.8)
+    assert decode_favours_sparse(clear) and judge(clear, (10.0, 11.0, 1.1, 1.2)).sparse_wins
+    straddles = (1.0, 0.7, 0.7, 0.97)  # wide pairs: a quarter of them within the margin
+    assert not decode_favours_sparse(straddles)
+    assert judge(straddles, None).noisy and not judge(straddles, None).sparse_wins
+    slower = (1.0, 0.99, 0.99, 1.0)
+    assert not judge(slower, None).noisy and not judge(slower, None).sparse_wins
+    # the generation wins by the medians (10 + 64 * 0.85 <= 0.95 * 74) but not by the quartiles (13 + 64 * 0.93)
+    close = judge((1.0, 0.85, 0.85, 0.93), (10.0, 10.0, 1.0, 1.3))
+    assert close.noisy and not close.sparse_wins
 
 
 def test_a_truncated_packed_file_is_one_clear_error(exported, tmp_path):

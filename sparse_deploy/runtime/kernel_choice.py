@@ -6,11 +6,11 @@ sparse node only where it is faster on this CPU: for each distinct layer (shape,
 (enough copies of the layer that its weights stream from memory, as a whole model's do at each step), runs of
 the two interleaved, at M = 1 (a decode step) and M = ``PREFILL_M`` (a prompt), and keeps the
 sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M``-token prompt, then
-``DECODE_STEPS`` tokens) takes less time with it, both by ``MARGIN`` (5%) and both by the fastest runs and by the
-median of the paired runs' ratios; a layer whose pair ratios spread too widely (a busy machine) stays dense, so that
-noise in the timing can only cost the gain, never make a layer slower than dense. A layer's node serves every M,
-so a layer whose decode gain outweighs a slower prompt is kept sparse (prefill can then be slower than dense); one
-that loses at M = 1 never is. The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
+``DECODE_STEPS`` tokens) takes less time with it, both by ``MARGIN`` (5%): by the fastest runs, by the median of
+the paired runs' sparse / dense ratios, and by their upper quartile (three pairs in four agree), so that noise in
+the timing (a busy machine, a thread waking late) can only cost the gain, never make a layer slower than dense.
+A layer's node serves every M, so a layer whose decode gain outweighs a slower prompt is kept sparse (prefill can
+then be slower than dense); one that loses at M = 1 never is. The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
 Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
 build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
 ~/.cache/sparse-deploy), so each shape is timed once per machine.
@@ -42,7 +42,6 @@ _WARMUP, _REPEATS = 2, 21
 _MIN_PAIRS = {1: 7, PREFILL_M: 3}  # interleaved dense/sparse pairs timed at least, per M
 _BUDGET_S = 0.25  # per kernel and M: stop repeating once this much time was spent (after the minimum pairs)
 MARGIN = 0.05  # the sparse op must be this much faster than dense (M = 1 and the reference generation)
-NOISE = 0.3  # interquartile range of the pair ratios over their median above which a timing is noisy
 # A model's layers stream from memory at every decode step; one layer timed alone would sit in the last-level cache
 # and favour the dense kernel. The timed graph therefore holds enough copies of the layer (rows rolled, so no two
 # are equal) to pass this many bytes of dense weights, and each copy counts as one run of the layer.
@@ -59,7 +58,8 @@ def check_mode(mode: str) -> None:
 class Timing:
     """Milliseconds (fastest of interleaved runs) of one layer pattern at M = 1 and M = PREFILL_M; ``ratio``: the
     median over interleaved pairs of sparse / dense run time (None in tables written before it was recorded);
-    ``noisy``: the pairs disagreed too much to trust (the layer then stays dense)."""
+    ``noisy``: the medians favour the sparse op but the upper quartiles of the ratios do not (the layer then stays
+    dense)."""
 
     dense_ms: tuple[float, float]
     sparse_ms: tuple[float, float]
@@ -68,8 +68,9 @@ class Timing:
 
     @property
     def sparse_wins(self) -> bool:
-        """Sparse by a margin at M = 1 and over the reference generation, by the fastest runs and by the median
-        pair (so that neither a lucky run nor a slow spell of the machine decides), and not noisy."""
+        """Sparse by a margin at M = 1 and over the reference generation, by the fastest runs, by the median pair
+        and by the upper quartile of the pairs (``noisy`` otherwise), so that neither a lucky run nor a slow spell
+        of the machine decides."""
         if self.noisy:
             return False
         (d1, dm), (s1, sm), limit = self.dense_ms, self.sparse_ms, 1 - MARGIN
@@ -259,18 +260,21 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         sess._sparse_deploy_arrays = (values, arrays)  # used in place: they live as long as the session
         return sess
 
-    def paired(sessions, m: int) -> tuple[float, float, float, float]:
+    limit = 1 - MARGIN
+
+    def paired(sessions, m: int) -> Paired:
         """Interleaved runs of the two sessions (which goes first alternates): the fastest run of each (on a shared
-        machine other work only adds time, so the minimum is each kernel's own cost), the median of the pairs'
-        sparse / dense ratios (a slow spell hits both runs of a pair) and its relative interquartile range."""
+        machine other work only adds time, so the minimum is each kernel's own cost), and the median and upper
+        quartile of the pairs' sparse / dense ratios (a slow spell hits both runs of a pair). At M = 1, pairs that
+        straddle the margin (quartiles on both sides of it) are repeated, up to 8x the time budget."""
         x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
         for sess in sessions:
             for _ in range(_WARMUP if m == 1 else 1):
                 sess.run(None, x)
         dense, sparse = [], []
-        spent, spread = 0.0, float("inf")
+        spent, straddle = 0.0, True
         while len(dense) < _REPEATS and (len(dense) < _MIN_PAIRS[m] or spent < 2 * _BUDGET_S
-                                         or (spread > NOISE and spent < 8 * _BUDGET_S)):  # noisy: a few more
+                                         or (m == 1 and straddle and spent < 8 * _BUDGET_S)):
             pair = {}
             for sess in (sessions if len(dense) % 2 == 0 else sessions[::-1]):
                 start = time.perf_counter()
@@ -279,24 +283,43 @@ def measure(site: Site, native, threads: int | None) -> Timing:
             dense.append(pair[id(sessions[0])])
             sparse.append(pair[id(sessions[1])])
             spent += dense[-1] + sparse[-1]
-            if len(dense) >= _MIN_PAIRS[m]:
-                q1, med, q3 = np.percentile(np.array(sparse) / np.array(dense), [25, 50, 75])
-                spread = (q3 - q1) / med
-        return min(dense) * 1e3 / copies, min(sparse) * 1e3 / copies, float(med), float(spread)
+            q1, med, q3 = np.percentile(np.array(sparse) / np.array(dense), [25, 50, 75])
+            straddle = q1 <= limit < q3
+        return min(dense) * 1e3 / copies, min(sparse) * 1e3 / copies, float(med), float(q3)
 
     with tempfile.TemporaryDirectory(prefix="sparse-deploy-timing-") as folder:
         Path(folder, "placeholder").touch()  # what the placeholders name: ONNX Runtime checks it exists
         pair = (session(dense_nodes, dense_arrays, folder), session(sparse_nodes, sparse_arrays, folder))
     del dense_arrays, sparse_arrays
     try:
-        d1, s1, r1, spread1 = paired(pair, 1)
-        if min(s1 / d1, r1) > 1 - MARGIN or spread1 > NOISE:  # dense wins the decode step: the prompt is not timed
-            return Timing((d1, d1), (s1, d1), (r1, 1.0), spread1 > NOISE)
-        dm, sm, rm, spreadm = paired(pair, PREFILL_M)
-        return Timing((d1, dm), (s1, sm), (r1, rm), max(spread1, spreadm) > NOISE)
+        decode = paired(pair, 1)
+        return judge(decode, paired(pair, PREFILL_M) if decode_favours_sparse(decode) else None)
     finally:
         del pair
         release_freed_memory()
+
+
+Paired = tuple[float, float, float, float]  # fastest dense ms, fastest sparse ms, median and upper quartile of the
+# pairs' sparse / dense ratios
+
+
+def decode_favours_sparse(decode: Paired) -> bool:
+    """Whether the decode step (M = 1) is faster on the sparse op by the margin: by the fastest runs, the median
+    pair and the upper quartile of the pairs (only then is the prompt timed)."""
+    d1, s1, r1, u1 = decode
+    return max(s1 / d1, r1, u1) <= 1 - MARGIN
+
+
+def judge(decode: Paired, prefill: Paired | None) -> Timing:
+    """One layer's ``Timing`` from its paired runs at M = 1 and, where the decode step favours sparse, at M =
+    PREFILL_M; ``noisy`` where the fastest runs and the medians favour sparse and the upper quartiles do not."""
+    d1, s1, r1, u1 = decode
+    limit = 1 - MARGIN
+    if prefill is None:
+        return Timing((d1, d1), (s1, d1), (r1, 1.0), noisy=max(s1 / d1, r1) <= limit < u1)
+    dm, sm, rm, um = prefill
+    unsure = um * dm + DECODE_STEPS * u1 * d1 > limit * (dm + DECODE_STEPS * d1)  # the generation, by quartiles
+    return Timing((d1, dm), (s1, sm), (r1, rm), unsure)
 
 
 def release_freed_memory() -> None:

@@ -136,6 +136,8 @@ class Runner:
         self.clock = time.thread_time if threads == 1 else time.perf_counter
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # The runners take turns; a pool spinning after its calls would take a core from the next runner's calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if sparse:
             kernels.register(options)

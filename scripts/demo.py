@@ -106,10 +106,14 @@ def conclusions(name: str, result: dict) -> list[str]:
     else:
         how = (f"no layer ran on the native sparse kernels ({kernels.get('reason') or 'not available'}), so the "
                f"same dense kernels ran and any difference is run-to-run noise")
+    shapes = kernels.get("timed_shapes") or 0
+    timed = (f" (this first load timed {shapes} layer shapes for --kernels auto; later loads read the timings from a "
+             f"cache)" if shapes else "")
     return [
         f"{name}: 50% sparsity stored packed makes model.onnx {packed['file_bytes_ratio']:.2f}x the dense file; "
         f"{how}. Measured in this one run: {1 / packed[speed]:.2f}x the dense speed ({unit}). "
-        f"Loading takes {packed['load_s_ratio']:.2f}x the time and {packed['peak_rss_ratio']:.2f}x the peak memory.",
+        f"Loading takes {packed['load_s_ratio']:.2f}x the time{timed} and {packed['peak_rss_ratio']:.2f}x the peak "
+        f"memory.",
         f"{name}: int8 + packed makes it {int8['file_bytes_ratio']:.2f}x the file and {1 / int8[speed]:.2f}x "
         f"the dense speed, with {int8['peak_rss_ratio']:.2f}x the peak memory.",
     ]

@@ -294,6 +294,39 @@ def test_auto_needs_a_margin_agreeing_pairs_and_a_quiet_machine(tmp_path):
     assert TimingTable("m", tmp_path / "t.json").entries == table.entries
 
 
+@needs_kernels
+def test_auto_times_an_encoder_at_prompt_size(tmp_path, monkeypatch):
+    """An encoder runs each layer on all of its tokens at once: auto times its layers at M = PREFILL_M only (a
+    decoder's M = 1 decode step never happens there), under table keys of their own."""
+    from transformers import AutoModel
+
+    from sparse_deploy.runtime import kernel_choice as kc
+
+    source = make_tiny("bert", tmp_path / "bert")
+    model = AutoModel.from_pretrained(source)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                W = module.weight
+                W[W.abs() <= W.abs().kthvalue(W.shape[1] // 2, dim=1, keepdim=True).values] = 0
+    model.save_pretrained(source)
+    folder = export(source, tmp_path / "onnx", ExportConfig(encoding="packed")).output
+    monkeypatch.setenv("SPARSE_DEPLOY_CACHE", str(tmp_path / "cache"))
+    timed = []
+    measure = kc.measure
+    monkeypatch.setattr(kc, "measure", lambda site, native, threads, encoder=False: timed.append(encoder) or measure(
+        site, native, threads, encoder))
+    opened = ExportedModel(folder, SessionConfig(threads=1))
+    assert timed and all(timed)
+    assert opened.kernels.timings and all(key.startswith("encoder ") for key in opened.kernels.timings)
+    assert all(t.dense_ms[0] == t.dense_ms[1] and t.sparse_ms[0] == t.sparse_ms[1]
+               for t in opened.kernels.timings.values())
+    assert opened.kernels.to_json()["timed_shapes"] == len(opened.kernels.timings)
+    again = ExportedModel(folder, SessionConfig(threads=1))  # the timings now come from the cached table
+    assert again.kernels.timed == 0 and again.kernels.sparse == opened.kernels.sparse
+    assert len(timed) == opened.kernels.timed
+
+
 def test_auto_judges_by_the_upper_quartile_of_the_pairs():
     """Timed pairs (fastest dense ms, fastest sparse ms, median and upper quartile of sparse / dense): sparse only
     where three pairs in four agree, at M = 1 and over the reference generation."""

@@ -10,7 +10,9 @@ sparse op when it is faster at M = 1 and the reference generation (a ``PREFILL_M
 the paired runs' sparse / dense ratios, and by their upper quartile (three pairs in four agree), so that noise in
 the timing (a busy machine, a thread waking late) can only cost the gain, never make a layer slower than dense.
 A layer's node serves every M, so a layer whose decode gain outweighs a slower prompt is kept sparse (prefill can
-then be slower than dense); one that loses at M = 1 never is. The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
+then be slower than dense); one that loses at M = 1 never is. An encoder runs every layer on all tokens at once, so
+for an encoder the layer is timed at M = ``PREFILL_M`` only and kept sparse where it wins there (``encoder=True``;
+its timings are cached under their own keys). The dense kernel is ORT's fp32 MatMul for fp32 layers and its dynamically quantized int8 MatMul for int8 layers, the kernels the layer would otherwise run on.
 Timings are kept in a small JSON table per CPU model, ISA path, thread count, ONNX Runtime version and library
 build, under the user cache folder ($SPARSE_DEPLOY_CACHE, else $XDG_CACHE_HOME/sparse-deploy, else
 ~/.cache/sparse-deploy), so each shape is timed once per machine.
@@ -93,15 +95,17 @@ class Choice:
     dense: list[str] = field(default_factory=list)
     timings: dict[str, Timing] = field(default_factory=dict)  # pattern key -> timing (auto)
     reason: str = ""  # why no sparse kernels ran, when none did
+    timed: int = 0  # layer patterns timed by this load (the others came from the cached table)
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "isa": self.isa, "sparse_layers": len(self.sparse), "dense_layers": len(self.dense),
+                "timed_shapes": self.timed,
                 "reason": self.reason}
 
 
-def pattern_key(site: Site) -> str:
+def pattern_key(site: Site, encoder: bool = False) -> str:
     n, k = site.shape
-    return f"{site.dtype} {n}x{k} s{round(site.sparsity * 20) * 5:02d}"
+    return f"{'encoder ' if encoder else ''}{site.dtype} {n}x{k} s{round(site.sparsity * 20) * 5:02d}"
 
 
 class TimingTable:
@@ -151,9 +155,10 @@ def setting_key(isa: str, threads: int | None, library: Path) -> str:
     return f"{cpu_model()} | {isa} | threads {threads or 'default'} | ort {ort.__version__} | lib {build}"
 
 
-def chooser(mode: str, choice: Choice, time_site: Callable[[Site], Timing], table: TimingTable | None
-            ) -> Callable[[Site], bool]:
-    """The ``keep`` predicate for ``sparse_ops.rewrite``: records each decision in ``choice``."""
+def chooser(mode: str, choice: Choice, time_site: Callable[[Site], Timing], table: TimingTable | None,
+            encoder: bool = False) -> Callable[[Site], bool]:
+    """The ``keep`` predicate for ``sparse_ops.rewrite``: records each decision in ``choice`` (``encoder``: the
+    timings are an encoder's, see ``measure``)."""
 
     def keep(site: Site) -> bool:
         if mode == "sparse":
@@ -161,10 +166,11 @@ def chooser(mode: str, choice: Choice, time_site: Callable[[Site], Timing], tabl
         elif mode == "dense":
             sparse = False
         else:
-            key = pattern_key(site)
+            key = pattern_key(site, encoder)
             timing = choice.timings.get(key) or (table.entries.get(key) if table else None)
             if timing is None:
                 timing = time_site(site)
+                choice.timed += 1
                 if table is not None:
                     table.entries[key] = timing
             choice.timings[key] = timing
@@ -197,10 +203,11 @@ def packer(native) -> Callable[[Site, np.ndarray, np.ndarray | None], list[np.nd
     return pack
 
 
-def measure(site: Site, native, threads: int | None) -> Timing:
+def measure(site: Site, native, threads: int | None, encoder: bool = False) -> Timing:
     """Time the dense and the sparse kernel on models of this layer's pattern (random weights), each holding
     ``copies`` nodes of the layer with their own weights, so that the weights stream from memory as in a model.
-    The weights reach ONNX Runtime as arrays it uses in place (no copy in a proto), and are freed on return."""
+    The weights reach ONNX Runtime as arrays it uses in place (no copy in a proto), and are freed on return.
+    ``encoder``: timed at M = PREFILL_M only, as an encoder runs (the Timing then holds those figures for both M)."""
     import tempfile
 
     import onnxruntime as ort
@@ -261,20 +268,22 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         return sess
 
     limit = 1 - MARGIN
+    first = PREFILL_M if encoder else 1  # the M that decides
 
     def paired(sessions, m: int) -> Paired:
         """Interleaved runs of the two sessions (which goes first alternates): the fastest run of each (on a shared
         machine other work only adds time, so the minimum is each kernel's own cost), and the median and upper
-        quartile of the pairs' sparse / dense ratios (a slow spell hits both runs of a pair). At M = 1, pairs that
-        straddle the margin (quartiles on both sides of it) are repeated, up to 8x the time budget."""
+        quartile of the pairs' sparse / dense ratios (a slow spell hits both runs of a pair). At the M that decides,
+        pairs that straddle the margin (quartiles on both sides of it) are repeated, up to 8x the time budget."""
         x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
         for sess in sessions:
             for _ in range(_WARMUP if m == 1 else 1):
                 sess.run(None, x)
         dense, sparse = [], []
         spent, straddle = 0.0, True
-        while len(dense) < _REPEATS and (len(dense) < _MIN_PAIRS[m] or spent < 2 * _BUDGET_S
-                                         or (m == 1 and straddle and spent < 8 * _BUDGET_S)):
+        least = _MIN_PAIRS[1] if m == first else _MIN_PAIRS[m]
+        while len(dense) < _REPEATS and (len(dense) < least or spent < 2 * _BUDGET_S
+                                         or (m == first and straddle and spent < 8 * _BUDGET_S)):
             pair = {}
             for sess in (sessions if len(dense) % 2 == 0 else sessions[::-1]):
                 start = time.perf_counter()
@@ -292,6 +301,9 @@ def measure(site: Site, native, threads: int | None) -> Timing:
         pair = (session(dense_nodes, dense_arrays, folder), session(sparse_nodes, sparse_arrays, folder))
     del dense_arrays, sparse_arrays
     try:
+        if encoder:  # the same figures for both M: sparse_wins then asks for the margin at M = PREFILL_M
+            dm, sm, rm, um = paired(pair, PREFILL_M)
+            return Timing((dm, dm), (sm, sm), (rm, rm), noisy=max(sm / dm, rm) <= limit < um)
         decode = paired(pair, 1)
         return judge(decode, paired(pair, PREFILL_M) if decode_favours_sparse(decode) else None)
     finally:

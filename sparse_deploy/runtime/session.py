@@ -45,11 +45,12 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 class SessionConfig:
     """``threads``: intra-op threads (None: ONNX Runtime's default, one per core). ``providers``: execution
     providers in order of preference. ``packed``: how packed-sparse exports are opened: ``stage`` decodes the
-    weights left dense (natively, else with numpy) into a temporary dense file first (about the dense model's memory), ``fold`` lets ONNX
-    Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x the memory). ``verify``:
-    check the model files against the sha256 digests export.json records before loading them. ``kernels``: which
-    packed layers run on the native sparse kernels (``auto``: where they are faster on this CPU; ``sparse``: all
-    the ops cover, an error when the library is unavailable; ``dense``: none; see ``runtime.kernel_choice``).
+    weights left dense (natively, else with numpy) into a temporary dense file first (about the dense model's
+    memory), ``fold`` lets ONNX Runtime constant-fold the decode subgraphs itself (any ONNX Runtime does this, at ~3x
+    the memory). ``verify``: check the model files against the sha256 digests export.json records before loading
+    them. ``kernels``: which packed layers run on the native sparse kernels (``auto``: where they are faster on this
+    CPU; ``sparse``: all the ops cover, an error when the library is unavailable; ``dense``: none; see
+    ``runtime.kernel_choice``).
     ``profile``: a file prefix; ONNX Runtime's profiler writes there (``session.end_profiling()`` names the file)."""
 
     threads: int | None = None
@@ -117,7 +118,7 @@ class ExportedModel:
         if self.export_info.ops == "custom":
             self.session = _open_custom(onnx_file, config, self.kernels)
         elif config.packed == "stage" and self.export_info.packed:
-            self.session = _open_packed(onnx_file, config, self.kernels)
+            self.session = _open_packed(onnx_file, config, self.kernels, self.export_info.kind == "encoder")
         else:
             self.kernels.reason = "the export holds no packed weights" if config.kernels != "dense" else ""
             self.session = open_session(onnx_file, config)
@@ -187,10 +188,12 @@ def _open_custom(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
         raise RuntimeSessionError(f"ONNX Runtime could not load {onnx_file}: {first_line(exc)}") from None
 
 
-def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.InferenceSession:
+def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice, encoder: bool = False
+                 ) -> ort.InferenceSession:
     """The packed weights on the native kernels where ``config.kernels`` says so (``runtime.sparse_ops``), else
-    decoded (by the native library where it loads, else numpy); ONNX Runtime folds nothing. The decoded weights go through a temporary file in the folder,
-    removed once the session exists (in memory where the folder is read-only)."""
+    decoded (by the native library where it loads, else numpy); ONNX Runtime folds nothing. The decoded weights go
+    through a temporary file in the folder, removed once the session exists (in memory where the folder is
+    read-only). ``encoder``: ``auto`` times the layers as an encoder runs them (all tokens at once)."""
     from sparse_deploy.runtime import kernel_choice as kc
     from sparse_deploy.runtime.sparse_ops import Spill
 
@@ -204,16 +207,18 @@ def _open_packed(onnx_file: Path, config: SessionConfig, choice: Choice) -> ort.
         if config.kernels == "auto":
             table = kc.TimingTable(kc.setting_key(choice.isa, config.threads, native.library_path()))
         pack = kc.packer(native)
-        keep = kc.chooser(config.kernels, choice, lambda site: kc.measure(site, native, config.threads), table)
+        keep = kc.chooser(config.kernels, choice, lambda site: kc.measure(site, native, config.threads, encoder),
+                          table, encoder)
     spill = Spill.open(onnx_file.parent)  # weights left dense: a temporary file ONNX Runtime maps (None: read-only)
     try:
-        return _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill)
+        return _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill, encoder)
     finally:
         if spill is not None:
             spill.remove()
 
 
-def _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill) -> ort.InferenceSession:
+def _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill, encoder=False
+                    ) -> ort.InferenceSession:
     from google.protobuf.message import DecodeError
 
     from sparse_deploy.formats.onnx_file import read_graph, tensor_array
@@ -232,9 +237,11 @@ def _open_rewritten(onnx_file, config, choice, native, pack, keep, table, spill)
     if table is not None:
         table.save()
     if not done.sparse and native is not None and not choice.reason:
-        choice.reason = ("auto: no layer shape was faster on the sparse kernels here (a decode step and a 128-token "
-                         "prompt + 64 tokens, timed per shape)" if config.kernels == "auto" and
-                         choice.dense else "no packed layer has a pattern the sparse ops cover")
+        timed = ("128 tokens at once, as an encoder runs" if encoder else
+                 "a decode step and a 128-token prompt + 64 tokens")
+        choice.reason = (f"auto: no layer shape was faster on the sparse kernels here ({timed}, timed per shape)"
+                         if config.kernels == "auto" and choice.dense else
+                         "no packed layer has a pattern the sparse ops cover")
     options = _options(config)
     if done.sparse:
         native.register(options)

@@ -104,6 +104,7 @@ class OnnxBackend:
         from sparse_deploy.runtime import DecoderRunner
 
         self._runner = self._runner or DecoderRunner(self.model)
+        self.model.check_token_ids(ids.numpy())
         return torch.from_numpy(self._runner.logits(ids.numpy()))
 
     def embed(self, sentences: list[str], max_length: int) -> torch.Tensor:

@@ -122,6 +122,22 @@ def test_bad_runtime_input(tiny, tmp_path):
         DecoderRunner(ExportedModel(onnx_dir)).greedy(long_prompt, 20)
 
 
+@pytest.mark.parametrize("model_type", ["opt", "bert"])
+def test_a_tokenizer_beyond_the_vocabulary_is_one_clear_error(tiny, tmp_path, model_type):
+    """A tokenizer.json that gives ids past config.json's vocab_size (it belongs to another model) is named, for
+    generate and embed, before ONNX Runtime fails on an out-of-bounds Gather."""
+    import shutil
+
+    _, onnx_dir = tiny(model_type)
+    folder = shutil.copytree(onnx_dir, tmp_path / "mismatched")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 3  # every real token id is beyond it
+    (folder / "config.json").write_text(json.dumps(config))
+    model = ExportedModel(folder, SessionConfig(verify=False))
+    with pytest.raises(InvalidInputError, match=r"beyond the model's vocabulary of 3 .*does not belong"):
+        generate(model, "hello world") if model_type == "opt" else embed(model, ["hello world"])
+
+
 def test_packed_export_runs_like_the_dense_one(tiny, tmp_path, calib_text):
     """A pruned model exported packed: the runtime's staged load and ONNX Runtime's own folding both give the
     dense export's greedy tokens, and the packed file is smaller."""

@@ -103,6 +103,7 @@ def generate(model: ExportedModel, prompt: str, max_new_tokens: int = 32) -> str
     ids = np.array([model.tokenizer.encode(prompt).ids], dtype=np.int64)
     if ids.shape[1] == 0:
         raise InvalidInputError("the prompt is empty after tokenization")
+    model.check_token_ids(ids)
     full = DecoderRunner(model).greedy(ids, max_new_tokens)
     return model.tokenizer.decode(full[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
@@ -132,6 +133,7 @@ def embed(model: ExportedModel, sentences: list[str], *, batch_size: int = 32, m
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = e
             mask[i, : len(e)] = 1
+        model.check_token_ids(ids)
         hidden = hidden_states(model, ids, mask)  # [B, L, D]
         weights = mask[..., None].astype(hidden.dtype)
         rows.append((hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9))  # mean over real tokens

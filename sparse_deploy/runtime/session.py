@@ -145,6 +145,15 @@ class ExportedModel:
     def input_names(self) -> set[str]:
         return {i.name for i in self.session.get_inputs()}
 
+    def check_token_ids(self, ids: np.ndarray) -> None:
+        """Token ids beyond the model's vocabulary (config.json's vocab_size) are a tokenizer that does not belong
+        to this model: one clear error instead of ONNX Runtime's out-of-bounds Gather."""
+        vocab = self.hf_config.get("vocab_size")
+        if isinstance(vocab, int) and ids.size and int(ids.max()) >= vocab:
+            raise InvalidInputError(f"the tokenizer gives token id {int(ids.max())}, beyond the model's vocabulary of "
+                                    f"{vocab} (config.json): {self.folder / 'tokenizer.json'} does not belong to "
+                                    f"this model")
+
 
 def native_kernels():
     """The native kernel module when its library loads here, else None; and why not."""

@@ -12,7 +12,7 @@ Export writes them together with a subgraph of standard ops that rebuilds the de
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,18 +48,24 @@ def pack(weight: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> list[tup
     return parts
 
 
+def chunk_spans(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+    """``pack``'s chunks as (bits, nonzeros, start, n): the chunk covers elements [start, start + n) of the flattened
+    [R, C] (every chunk but the last fills whole bytes), its nonzeros in row-major order after the leading zero."""
+    total, start = shape[0] * shape[1], 0
+    for k, (bits, values) in enumerate(parts):
+        n = total - start if k == len(parts) - 1 else bits.size * 8
+        yield bits, values[1:], start, n
+        start += n
+
+
 def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
     """The numpy reference of the decode subgraph: the dense weight [R, C] from ``pack``'s chunks."""
-    rows, cols = shape
-    values0 = parts[0][1]
-    out = np.zeros(rows * cols, dtype=values0.dtype)
-    done = 0
-    for k, (bits, values) in enumerate(parts):
-        n = rows * cols - done if k == len(parts) - 1 else bits.size * 8  # all but the last chunk fill whole bytes
+    out = np.zeros(shape[0] * shape[1], dtype=parts[0][1].dtype)
+    for bits, nonzeros, start, n in chunk_spans(parts, shape):
         mask = np.unpackbits(bits, count=n, bitorder="little").view(bool)  # [n]
-        out[done : done + n][mask] = values[1:]  # the nonzeros in row-major order, after the leading zero
-        done += n
-    return out.reshape(rows, cols)
+        out[start : start + n][mask] = nonzeros
+    return out.reshape(shape)
 
 
 def read_parts(model: onnx.ModelProto, name: str, load: Loader = numpy_helper.to_array

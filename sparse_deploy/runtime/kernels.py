@@ -202,6 +202,7 @@ def _function(state: Availability, name: str):
 def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
     """``formats.packed.unpack`` (the dense weight [R, C] from the packed file's chunks) by the native library;
     numpy's where the library is not available."""
+    from sparse_deploy.formats.packed import chunk_spans
     from sparse_deploy.formats.packed import unpack as unpack_numpy
 
     state = availability()
@@ -210,20 +211,17 @@ def unpack(parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -
     fn = _function(state, "SparseDeployUnpack")
     rows, cols = shape
     out = np.empty(rows * cols, dtype=parts[0][1].dtype)
-    done = 0
     ptr = ctypes.c_void_p
-    for k, (bits, values) in enumerate(parts):
-        n = rows * cols - done if k == len(parts) - 1 else bits.size * 8  # as formats.packed.unpack
+    for bits, nonzeros, start, n in chunk_spans(parts, shape):
         bits = np.ascontiguousarray(bits, dtype=np.uint8)
-        values = np.ascontiguousarray(values[1:])  # after the leading zero
+        nonzeros = np.ascontiguousarray(nonzeros)
         if bits.size * 8 < n:
             raise InvalidInputError(f"unpack: {bits.size} bytes of bits for {n} weights")
-        got = fn(ptr(bits.ctypes.data), ptr(values.ctypes.data), ctypes.c_int64(values.size), ctypes.c_int64(n),
-                 ctypes.c_int64(values.itemsize), ptr(out[done:].ctypes.data))
-        if got != values.size:
+        got = fn(ptr(bits.ctypes.data), ptr(nonzeros.ctypes.data), ctypes.c_int64(nonzeros.size), ctypes.c_int64(n),
+                 ctypes.c_int64(nonzeros.itemsize), ptr(out[start:].ctypes.data))
+        if got != nonzeros.size:
             raise InvalidInputError(f"unpack: the bits of a {rows}x{cols} weight mark {got} nonzeros, "
-                                    f"{values.size} values stored")
-        done += n
+                                    f"{nonzeros.size} values stored")
     return out.reshape(rows, cols)
 
 

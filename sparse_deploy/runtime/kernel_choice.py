@@ -303,7 +303,7 @@ def measure(site: Site, native, threads: int | None, encoder: bool = False) -> T
     try:
         if encoder:  # the same figures for both M: sparse_wins then asks for the margin at M = PREFILL_M
             dm, sm, rm, um = paired(pair, PREFILL_M)
-            return Timing((dm, dm), (sm, sm), (rm, rm), noisy=max(sm / dm, rm) <= limit < um)
+            return Timing((dm, dm), (sm, sm), (rm, rm), noisy=_unsure((dm, sm, rm, um)))
         decode = paired(pair, 1)
         return judge(decode, paired(pair, PREFILL_M) if decode_favours_sparse(decode) else None)
     finally:
@@ -322,13 +322,19 @@ def decode_favours_sparse(decode: Paired) -> bool:
     return max(s1 / d1, r1, u1) <= 1 - MARGIN
 
 
+def _unsure(paired: Paired) -> bool:
+    """The fastest runs and the median pair favour the sparse op by the margin, the upper quartile does not."""
+    dense_ms, sparse_ms, median, upper = paired
+    return max(sparse_ms / dense_ms, median) <= 1 - MARGIN < upper
+
+
 def judge(decode: Paired, prefill: Paired | None) -> Timing:
     """One layer's ``Timing`` from its paired runs at M = 1 and, where the decode step favours sparse, at M =
     PREFILL_M; ``noisy`` where the fastest runs and the medians favour sparse and the upper quartiles do not."""
     d1, s1, r1, u1 = decode
     limit = 1 - MARGIN
     if prefill is None:
-        return Timing((d1, d1), (s1, d1), (r1, 1.0), noisy=max(s1 / d1, r1) <= limit < u1)
+        return Timing((d1, d1), (s1, d1), (r1, 1.0), noisy=_unsure(decode))
     dm, sm, rm, um = prefill
     unsure = um * dm + DECODE_STEPS * u1 * d1 > limit * (dm + DECODE_STEPS * d1)  # the generation, by quartiles
     return Timing((d1, dm), (s1, sm), (r1, rm), unsure)

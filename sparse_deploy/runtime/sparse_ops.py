@@ -16,8 +16,8 @@ values are the op's values); neither is decoded to a dense array. ONNX Runtime f
 the file, and the other large tensors stay in the file for ONNX Runtime to map. The kernels' arrays (``shared``) go
 to the session without a copy (``SessionOptions.add_initializer``; the session keeps them, see ``feed``). Packed
 weights that stay dense (another consumer, ``auto`` chose dense, a pattern the ops do not cover) are decoded (by
-the native library when it loads, else numpy) and written to a temporary file that ONNX Runtime maps (``Spill``), or else handed over as arrays
-(``arrays``), which ONNX Runtime copies. Needs numpy and onnx only (onnxruntime in ``feed``).
+the native library when it loads, else numpy) and written to a temporary file that ONNX Runtime maps (``Spill``),
+or else handed over as arrays (``arrays``), which ONNX Runtime copies. Needs numpy and onnx only (onnxruntime in ``feed``).
 """
 
 from __future__ import annotations

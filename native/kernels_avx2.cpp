@@ -141,73 +141,123 @@ SD_AVX2 void f32_block(const float* x, const SparseRows& w, const float* values,
   for (; n < n1; ++n) f32_rows<1, MT>(x, w, values, bias, n, y, ldy);
 }
 
-// ---- fp32 prefill: decode a few rows of W once, then a dense tile over all rows of X ----
+// ---- fp32 prefill: decode a panel of W once, transposed, then a register-blocked GEMM over all rows of X ----
+//
+// A panel is kPanel rows of W over kPanelK columns, decoded into wp[k][kPanel] (zeros for missing rows and for
+// columns beyond K). The micro-kernel keeps MR rows of X x kPanel outputs in 2 * MR accumulators: per column k it
+// loads two vectors of the panel and broadcasts one x per row, so every load feeds 2 or MR FMAs.
 
-constexpr int64_t kDecodedRows = 4;
-constexpr int64_t kPrefillKBlock = 1024;
+constexpr int kPanel = 16;
+constexpr int64_t kPanelK = 256;
+constexpr int kMicroRows = 6;
 constexpr int64_t kPrefillMinRows = 16;
 
-template <int R, int MT>
-SD_AVX2 inline void dense_tile(const float* x, int64_t k, const float* rows, int64_t kp, int64_t k0, int64_t k1,
-                               float* y, int64_t ldy) {
-  __m256 acc[MT][R];
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t full = std::min(k1, k / 8 * 8);
-  int64_t c = k0;
-  for (; c < full; c += 8) {
-    __m256 wv[R];
-    SD_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(rows + r * kp + c);
-    SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * k + c);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
+// 8 x 8 transpose of rows r[0..7] (in place).
+SD_AVX2 inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  if (c < k1) {  // the last, partial chunk of K: x is read only inside K
-    const __m256i xm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << (k - c)) - 1]));
-    SD_UNROLL for (int m = 0; m < MT; ++m) {
-      const __m256 xv = _mm256_maskload_ps(x + m * k + c, xm);
-      SD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows + r * kp + c), xv, acc[m][r]);
-    }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
-  SD_UNROLL for (int m = 0; m < MT; ++m) SD_UNROLL for (int r = 0; r < R; ++r) y[m * ldy + r] += hsum(acc[m][r]);
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
 }
 
-template <int R>
-SD_AVX2 void dense_rows(const float* x, int64_t m_rows, int64_t k, const float* rows, int64_t kp, int64_t k0,
-                        int64_t k1, float* y, int64_t ldy) {
+// Rows [0, rows) of the panel (cursors cur[r] advanced), columns [k0, k0 + kb) (k0 and kb multiples of 8, within
+// the mask row) into wp[kb][kPanel].
+SD_AVX2 void decode_panel(const uint8_t* const* mask, const float** cur, int rows, int64_t k0, int64_t kb, float* wp) {
+  for (int64_t c = 0; c < kb; c += 8) {
+    for (int half = 0; half < kPanel; half += 8) {
+      __m256 r8[8];
+      for (int i = 0; i < 8; ++i) {
+        const int r = half + i;
+        if (r >= rows) {
+          r8[i] = _mm256_setzero_ps();
+          continue;
+        }
+        const unsigned b = mask[r][(k0 + c) / 8];
+        const int count = _mm_popcnt_u32(b);
+        const __m256i some = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1]));
+        const __m256 packed = _mm256_maskload_ps(cur[r], some);
+        const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
+        r8[i] = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep);
+        cur[r] += count;
+      }
+      transpose8(r8);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(wp + (c + i) * kPanel + half, r8[i]);
+    }
+  }
+}
+
+// y[i, 0..kPanel) += sum over k in [0, kn) of x[i, k] * wp[k, :] for the MR rows of X at x (row stride k_stride).
+template <int MR>
+SD_AVX2 void micro_tile(const float* x, int64_t k_stride, const float* wp, int64_t kn, float* y, int64_t ldy, int cols) {
+  __m256 acc[MR][2];
+  SD_UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t kk = 0; kk < kn; ++kk) {
+    const __m256 w0 = _mm256_loadu_ps(wp + kk * kPanel), w1 = _mm256_loadu_ps(wp + kk * kPanel + 8);
+    SD_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * k_stride + kk);
+      acc[i][0] = _mm256_fmadd_ps(w0, xb, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(w1, xb, acc[i][1]);
+    }
+  }
+  SD_UNROLL for (int i = 0; i < MR; ++i) {
+    float* yr = y + i * ldy;
+    if (cols == kPanel) {
+      _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), acc[i][0]));
+      _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), acc[i][1]));
+    } else {  // the last panel of the range: only its outputs are written
+      alignas(32) float out[kPanel];
+      _mm256_store_ps(out, acc[i][0]);
+      _mm256_store_ps(out + 8, acc[i][1]);
+      for (int j = 0; j < cols; ++j) yr[j] += out[j];
+    }
+  }
+}
+
+SD_AVX2 void micro_rows(const float* x, int64_t m_rows, int64_t k, const float* wp, int64_t kn, float* y, int64_t ldy,
+                        int cols) {
   int64_t m = 0;
-  for (; m + 2 <= m_rows; m += 2) dense_tile<R, 2>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
-  for (; m < m_rows; ++m) dense_tile<R, 1>(x + m * k, k, rows, kp, k0, k1, y + m * ldy, ldy);
+  for (; m + kMicroRows <= m_rows; m += kMicroRows) micro_tile<kMicroRows>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+  switch (m_rows - m) {
+    case 5: return micro_tile<5>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+    case 4: return micro_tile<4>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+    case 3: return micro_tile<3>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+    case 2: return micro_tile<2>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+    case 1: return micro_tile<1>(x + m * k, k, wp, kn, y + m * ldy, ldy, cols);
+    default: return;
+  }
 }
 
 SD_AVX2 void f32_prefill(const float* x, int64_t m_rows, const SparseRows& w, const float* values, const float* bias,
                          int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t kp = (w.k + 7) / 8 * 8;
-  std::vector<float> decoded(static_cast<size_t>(kDecodedRows * kp));
-  for (int64_t nb = n0; nb < n1; nb += kDecodedRows) {
-    const int64_t rows = std::min(kDecodedRows, n1 - nb);
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* bits = w.mask + (nb + r) * w.mask_stride;
-      const float* v = values + w.row_ptr[nb + r];
-      for (int64_t c = 0; c < kp / 8; ++c) {
-        const unsigned b = bits[c];
-        const int count = _mm_popcnt_u32(b);
-        const __m256 packed =
-            _mm256_maskload_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1])));
-        const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
-        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
-        _mm256_storeu_ps(decoded.data() + r * kp + 8 * c, _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep));
-        v += count;
-      }
-      for (int64_t m = 0; m < m_rows; ++m) y[m * ldy + nb + r] = bias ? bias[nb + r] : 0.0f;
+  alignas(32) float wp[kPanelK * kPanel];  // 16 KiB: the decoded panel, reused for every K block
+  for (int64_t nb = n0; nb < n1; nb += kPanel) {
+    const int rows = static_cast<int>(std::min<int64_t>(kPanel, n1 - nb));
+    const uint8_t* mask[kPanel];
+    const float* cur[kPanel];
+    for (int r = 0; r < rows; ++r) {
+      mask[r] = w.mask + (nb + r) * w.mask_stride;
+      cur[r] = values + w.row_ptr[nb + r];
     }
-    for (int64_t k0 = 0; k0 < kp; k0 += kPrefillKBlock) {
-      const int64_t k1 = std::min(kp, k0 + kPrefillKBlock);
-      if (rows == kDecodedRows) {
-        dense_rows<kDecodedRows>(x, m_rows, w.k, decoded.data(), kp, k0, k1, y + nb, ldy);
-      } else {
-        for (int64_t r = 0; r < rows; ++r) dense_rows<1>(x, m_rows, w.k, decoded.data() + r * kp, kp, k0, k1, y + nb + r, ldy);
-      }
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int r = 0; r < rows; ++r) y[m * ldy + nb + r] = bias ? bias[nb + r] : 0.0f;
+    for (int64_t k0 = 0; k0 < kp; k0 += kPanelK) {
+      const int64_t kb = std::min(kPanelK, kp - k0);
+      decode_panel(mask, cur, rows, k0, kb, wp);
+      micro_rows(x + k0, m_rows, w.k, wp, std::min(kb, w.k - k0), y + nb, ldy, rows);
     }
   }
 }

@@ -7,12 +7,12 @@
 // are loaded straight from a table indexed by (values before the byte, byte), so no control is built in registers.
 // The products are exact in int32 through the sign trick: pmaddubsw(|w|, sign(x, w)) pairs stay within
 // +-2 * 127 * 127 < 32767, then pmaddwd with ones.
-// R weight rows share each x load; MT rows of X share each expanded weight vector (prefill).
+// R weight rows share each x load; MT rows of X share each expanded weight vector (int8 with several rows of X).
+// fp32 prefill (16+ rows of X): panels of W decoded once and transposed, then a register-blocked GEMM.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "kernels.h"
 

@@ -167,14 +167,16 @@ def test_leading_dimensions_and_empty_batch(isa):
 
 
 def test_large_matrix_split_over_threads(isa):
-    """Big enough that the rows are split into tasks on ONNX Runtime's pool."""
+    """Big enough that the rows are split into tasks on ONNX Runtime's pool (tasks of 192 rows from 16 rows of X on,
+    whose panels of W then start inside the task's range and end ragged)."""
     rng = np.random.default_rng(5)
     w = _weight(rng, 517, 1030, 0.5)
-    x = rng.standard_normal((3, 1030)).astype(np.float32)
-    for threads in (1, 2):
-        y = _session(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), None), 1030, 517), threads).run(
-            None, {"X": x})[0]
-        np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
+    for m in (3, 40):
+        x = rng.standard_normal((m, 1030)).astype(np.float32)
+        for threads in (1, 2):
+            y = _session(_model(kernels.OP_FP32, _inputs(kernels.pack_rows(w), None), 1030, 517), threads).run(
+                None, {"X": x})[0]
+            np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4, err_msg=f"{isa} M={m} threads={threads}")
 
 
 def _error_of(model: bytes, feeds: dict[str, np.ndarray]) -> str:

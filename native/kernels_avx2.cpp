@@ -74,20 +74,26 @@ SD_AVX2 inline int32_t hsum(__m256i v) {
 
 // ---- fp32 ----
 
+// The 8 columns of mask byte b (count = popcount(b) set bits) with the next count values from p at its set bits,
+// zeros elsewhere. Fast: 8 floats can be read at p; else only count are (a masked load).
+template <bool Fast>
+SD_AVX2 inline __m256 expand8(const float* p, unsigned b, int count) {
+  const __m256 packed =
+      Fast ? _mm256_loadu_ps(p)
+           : _mm256_maskload_ps(p, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1])));
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep);
+}
+
 // One 8-column step. Fast: an 8-float load that cannot run past the end of values; else a masked load.
 template <int R, int MT, bool Fast>
 SD_AVX2 inline void f32_step(const float* x, int64_t k, const __m256i* xm, const uint8_t* bits, const float** vals,
                              __m256 (&acc)[MT][R]) {
   __m256 wv[R];
   SD_UNROLL for (int r = 0; r < R; ++r) {
-    const unsigned b = bits[r];
-    const __m256i keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b]));
-    const int count = _mm_popcnt_u32(b);
-    const __m256 packed =
-        Fast ? _mm256_loadu_ps(vals[r])
-             : _mm256_maskload_ps(vals[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1])));
-    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
-    wv[r] = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_castsi256_ps(keep));
+    const int count = _mm_popcnt_u32(bits[r]);
+    wv[r] = expand8<Fast>(vals[r], bits[r], count);
     vals[r] += count;
     _mm_prefetch(reinterpret_cast<const char*>(vals[r]) + kPrefetchBytes, _MM_HINT_T0);
   }
@@ -186,11 +192,7 @@ SD_AVX2 void decode_panel(const uint8_t* const* mask, const float** cur, int row
         }
         const unsigned b = mask[r][(k0 + c) / 8];
         const int count = _mm_popcnt_u32(b);
-        const __m256i some = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[(1u << count) - 1]));
-        const __m256 packed = _mm256_maskload_ps(cur[r], some);
-        const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[b]));
-        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
-        r8[i] = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep);
+        r8[i] = expand8<false>(cur[r], b, count);
         cur[r] += count;
       }
       transpose8(r8);
